@@ -1,0 +1,28 @@
+"""Llama-3-70B shape: 80 layers, d_model 8192, 64 heads, 8 KV heads, d_ff 28672, vocab 128256.
+
+One block per stack, so each of the 80 stages trains one layer. Check it without
+allocating anything: python -m stackwise_jax.train --config=configs/llama70b.py --dry_run
+"""
+
+from stackwise_jax.config import defaults
+
+
+def get_config():
+    c = defaults()
+    c.model.vocab_size = 128256
+    c.model.d_model = 8192
+    c.model.n_heads = 64
+    c.model.n_kv_heads = 8
+    c.model.d_ff = 28672
+    c.model.rope_theta = 500000.0
+    c.model.norm_eps = 1e-5
+    c.model.tie_embeddings = False
+    c.model.architecture.n_stacks = 80
+    c.model.architecture.blocks_per_stack = 1
+    c.data.seq_len = 4096
+    c.data.batch_size = 1
+    c.training.learning_rate = 1e-4
+    c.training.warmup_steps = 100
+    c.training.steps_per_stage = 1000
+    c.training.progressive.new_stack_precision = "bf16"
+    return c

@@ -1,0 +1,1 @@
+"""StackWise-JAX."""

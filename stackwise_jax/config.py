@@ -1,0 +1,302 @@
+"""Config schema, loading, command-line overrides and validation.
+
+Every config file under configs/ starts from `defaults()` and changes values; it may not
+add keys. `validate` checks every key, so a typo or a bad value stops the run at start
+with a message that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from stackwise_jax.errors import UserError
+
+STAGE_POLICIES = ("first_stage", "every_stage", "never")
+OBJECTIVES = ("masked_diffusion", "causal")
+MASK_SCHEDULES = ("uniform", "linear", "cosine")
+MASK_DIRECTIONS = ("increasing", "decreasing")
+LOSS_WEIGHTINGS = ("mean", "inv_t")
+TRUNK_STRATEGIES = ("frozen", "trainable")
+PRECISIONS = ("fp32", "bf16")
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every key the project knows, with its default value."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 4096  # includes the [MASK] token
+    c.model.d_model = 256
+    c.model.n_heads = 8
+    c.model.n_kv_heads = 4
+    c.model.d_ff = 768
+    c.model.rope_theta = 10000.0
+    c.model.norm_eps = 1e-5
+    c.model.tie_embeddings = False
+    c.model.init_std = 0.02
+    c.model.architecture = ml_collections.ConfigDict()
+    c.model.architecture.n_stacks = 4
+    c.model.architecture.blocks_per_stack = 1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.files = ""  # glob of UTF-8 text files; empty: Shakespeare's works
+    c.data.heldout_files = ""  # comma-separated basename globs held out whole
+    c.data.heldout_fraction = 0.05  # own files, no heldout_files: tail of each file
+    c.data.tokenizer = "bpe"  # 'bpe' (train one) or a tokenizer.json / SentencePiece .model
+    c.data.seq_len = 128
+    c.data.batch_size = 16
+    c.data.seed = 0
+
+    c.training = ml_collections.ConfigDict()
+    c.training.objective = "masked_diffusion"
+    c.training.steps_per_stage = 200
+    c.training.learning_rate = 3e-3
+    c.training.warmup_steps = 20
+    c.training.weight_decay = 0.1
+    c.training.grad_clip_norm = 1.0
+    c.training.min_mask_fraction = 0.15
+    c.training.max_mask_fraction = 0.90
+    c.training.mask_schedule_type = "uniform"
+    c.training.mask_schedule_direction = "increasing"
+    c.training.loss_weighting = "mean"
+    c.training.train_embedding = "first_stage"
+    c.training.train_final_norm = "every_stage"
+    c.training.train_head = "every_stage"
+    c.training.seed = 0
+    c.training.log_every = 10
+    c.training.progressive = ml_collections.ConfigDict()
+    c.training.progressive.enabled = True
+    c.training.progressive.trunk_strategy = "frozen"
+    c.training.progressive.new_stack_precision = "fp32"
+    c.training.progressive.cache_activations = False
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100
+    c.checkpoint.max_to_keep = 2
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batches = 8
+    c.eval.mask_ratios = (0.15, 0.5, 0.9)
+    return c
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load(path: str, overrides: dict[str, str] | None = None) -> ml_collections.ConfigDict:
+    """Loads a config file (a module with get_config()), applies overrides, validates."""
+    if not os.path.isfile(path):
+        raise UserError(f"--config: no such file '{path}' (expected e.g. configs/tiny.py)")
+    spec = importlib.util.spec_from_file_location("stackwise_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's file: report it, do not dump our stack
+        raise UserError(f"--config: could not load '{path}': {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise UserError(f"--config: '{path}' defines no get_config()")
+    cfg = module.get_config()
+    check_keys(cfg)
+    for key, raw in (overrides or {}).items():
+        set_override(cfg, key, raw)
+    validate(cfg)
+    return cfg
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Separates `--config.a.b=v` arguments from the rest of argv."""
+    rest, overrides = [], {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, sep, value = arg[len("--config."):].partition("=")
+            if not sep:  # `--config.key value`
+                if i + 1 >= len(argv):
+                    raise UserError(f"--config.{key} needs a value")
+                i += 1
+                value = argv[i]
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _flat(cfg, prefix=""):
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _unknown_key(key: str, known) -> UserError:
+    section = key.rpartition(".")[0]
+    siblings = sorted(k for k in known if k.rpartition(".")[0] == section) or sorted(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return UserError(f"unknown config key '{key}'.{hint} "
+                     f"Keys{' under ' + section if section else ''}: {', '.join(siblings)}")
+
+
+def check_keys(cfg) -> None:
+    """No key may exist that defaults() does not know, and none may be missing."""
+    known, given = _flat(defaults()), _flat(cfg)
+    for key in given:
+        if key not in known:
+            raise _unknown_key(key, known)
+    for key in known:
+        if key not in given:
+            raise UserError(f"config is missing key '{key}'; start config files from "
+                            "stackwise_jax.config.defaults()")
+
+
+def _parse_value(key: str, raw: str, like):
+    try:
+        if isinstance(like, bool):
+            low = raw.lower()
+            if low in ("true", "1", "yes"):
+                return True
+            if low in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if isinstance(like, int):
+            return int(raw)
+        if isinstance(like, float):
+            return float(raw)
+        if isinstance(like, tuple):
+            value = ast.literal_eval(raw)
+            return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        return raw
+    except (ValueError, SyntaxError):
+        raise UserError(f"--config.{key}={raw!r}: expected a {type(like).__name__}") from None
+
+
+def set_override(cfg, key: str, raw: str) -> None:
+    known = _flat(defaults())
+    if key not in known:
+        raise _unknown_key(key, known)
+    *parents, leaf = key.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    with node.unlocked():
+        node[leaf] = _parse_value(key, raw, known[key])
+
+
+# -------------------------------------------------------------------------- validation
+
+
+def _enum(cfg_value, key, allowed):
+    if cfg_value not in allowed:
+        raise UserError(f"{key}={cfg_value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _positive_int(value, key):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"{key}={value!r} must be a positive integer")
+
+
+def validate(cfg) -> None:
+    check_keys(cfg)
+    m, a, d, t = cfg.model, cfg.model.architecture, cfg.data, cfg.training
+    for key in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "d_ff"):
+        _positive_int(m[key], f"model.{key}")
+    _positive_int(a.n_stacks, "model.architecture.n_stacks")
+    _positive_int(a.blocks_per_stack, "model.architecture.blocks_per_stack")
+    if m.d_model % m.n_heads:
+        raise UserError(f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    if m.n_heads % m.n_kv_heads:
+        raise UserError(f"model.n_heads={m.n_heads} must be divisible by "
+                        f"model.n_kv_heads={m.n_kv_heads} (grouped-query attention)")
+    if (m.d_model // m.n_heads) % 2:
+        raise UserError(f"head dim model.d_model/model.n_heads={m.d_model // m.n_heads} "
+                        "must be even for RoPE")
+    for key in ("rope_theta", "norm_eps", "init_std"):
+        if not m[key] > 0:
+            raise UserError(f"model.{key}={m[key]} must be > 0")
+
+    _positive_int(d.seq_len, "data.seq_len")
+    _positive_int(d.batch_size, "data.batch_size")
+    if not 0.0 < d.heldout_fraction < 1.0:
+        raise UserError(f"data.heldout_fraction={d.heldout_fraction} must be in (0, 1)")
+    if d.tokenizer != "bpe" and not os.path.isfile(d.tokenizer):
+        raise UserError(f"data.tokenizer='{d.tokenizer}': no such file; use 'bpe' to train "
+                        "one, or a path to a tokenizer.json or SentencePiece .model")
+
+    _enum(t.objective, "training.objective", OBJECTIVES)
+    _enum(t.mask_schedule_type, "training.mask_schedule_type", MASK_SCHEDULES)
+    _enum(t.mask_schedule_direction, "training.mask_schedule_direction", MASK_DIRECTIONS)
+    _enum(t.loss_weighting, "training.loss_weighting", LOSS_WEIGHTINGS)
+    for key in ("train_embedding", "train_final_norm", "train_head"):
+        _enum(t[key], f"training.{key}", STAGE_POLICIES)
+    p = t.progressive
+    _enum(p.trunk_strategy, "training.progressive.trunk_strategy", TRUNK_STRATEGIES)
+    _enum(p.new_stack_precision, "training.progressive.new_stack_precision", PRECISIONS)
+    lo, hi = t.min_mask_fraction, t.max_mask_fraction
+    for key, v in (("min_mask_fraction", lo), ("max_mask_fraction", hi)):
+        if not 0.0 < v <= 1.0:
+            raise UserError(f"training.{key}={v} must be in (0, 1]")
+    if lo > hi:
+        raise UserError(f"training.min_mask_fraction={lo} must be <= "
+                        f"training.max_mask_fraction={hi}")
+    if t.mask_schedule_type != "uniform" and not p.enabled:
+        raise UserError(f"training.mask_schedule_type='{t.mask_schedule_type}' sets the mask "
+                        "ratio by the stack being trained, so it needs "
+                        "training.progressive.enabled=True; use 'uniform' for end-to-end runs")
+    if m.tie_embeddings and t.train_head != t.train_embedding:
+        raise UserError("model.tie_embeddings=True shares one matrix between embedding and "
+                        f"head, so training.train_head ('{t.train_head}') must equal "
+                        f"training.train_embedding ('{t.train_embedding}')")
+    if p.cache_activations:
+        from stackwise_jax import cache  # noqa: F401  (the cache validates its own needs)
+        cache.validate(cfg)
+    _positive_int(t.steps_per_stage, "training.steps_per_stage")
+    _positive_int(t.log_every, "training.log_every")
+    if not t.learning_rate > 0:
+        raise UserError(f"training.learning_rate={t.learning_rate} must be > 0")
+    if t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip_norm < 0:
+        raise UserError("training.warmup_steps, weight_decay and grad_clip_norm must be >= 0 "
+                        "(grad_clip_norm=0 turns clipping off)")
+    _positive_int(cfg.checkpoint.every_steps, "checkpoint.every_steps")
+    _positive_int(cfg.checkpoint.max_to_keep, "checkpoint.max_to_keep")
+    _positive_int(cfg.eval.batches, "eval.batches")
+    if not cfg.eval.mask_ratios or not all(0.0 < r <= 1.0 for r in cfg.eval.mask_ratios):
+        raise UserError(f"eval.mask_ratios={cfg.eval.mask_ratios} must be ratios in (0, 1]")
+
+
+def n_stages(cfg) -> int:
+    return cfg.model.architecture.n_stacks if cfg.training.progressive.enabled else 1
+
+
+def steps_in_stage(cfg) -> int:
+    """End-to-end gets the whole token budget of a progressive run in its one stage."""
+    t = cfg.training
+    return t.steps_per_stage if t.progressive.enabled else t.steps_per_stage * cfg.model.architecture.n_stacks
+
+
+def mode_name(cfg) -> str:
+    """The training mode this config selects, for logs and summary.json.
+
+    end_to_end: one stage, every stack trains. progressive-*: stage k trains stack k on
+    a frozen trunk. growing-*: stage k trains stacks 0..k (trunk_strategy='trainable').
+    The suffix says the stage unit: one block (layerwise) or several (stackwise).
+    """
+    p = cfg.training.progressive
+    if not p.enabled:
+        return "end_to_end"
+    unit = "layerwise" if cfg.model.architecture.blocks_per_stack == 1 else "stackwise"
+    return f"{'progressive' if p.trunk_strategy == 'frozen' else 'growing'}-{unit}"
+
+
+def to_json(cfg) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)

@@ -1,0 +1,187 @@
+"""The transformer: Block, Stack (scanned Blocks) and Rack (the whole model).
+
+Shape suffixes: B batch, L sequence, D d_model, H query heads, K key/value heads,
+G = H/K query heads per KV head, E head dim, F d_ff, V vocabulary.
+
+The maths follows HF Llama exactly (rotate-half RoPE, RMSNorm in float32, SwiGLU), so
+exporting is transposing kernels, nothing more. Attention is a call argument: the same
+weights run bidirectionally (training) or causally (inference).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ATTENTION_MODES = ("bidirectional", "causal")
+
+
+def _check_mode(mode: str) -> bool:
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention mode {mode!r}: choose one of {', '.join(ATTENTION_MODES)}")
+    return mode == "causal"
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x_BxLxD):
+        x32 = x_BxLxD.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x_BxLxD.dtype) * x32.astype(x_BxLxD.dtype)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float):
+    """cos, sin of shape (L, E) in HF Llama's layout: the two halves repeat the freqs."""
+    inv_freq_E2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs_LxE2 = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq_E2[None, :]
+    emb_LxE = jnp.concatenate([freqs_LxE2, freqs_LxE2], axis=-1)
+    return jnp.cos(emb_LxE), jnp.sin(emb_LxE)
+
+
+def apply_rope(x_BxLxNxE, cos_LxE, sin_LxE):
+    half = x_BxLxNxE.shape[-1] // 2
+    x1, x2 = x_BxLxNxE[..., :half], x_BxLxNxE[..., half:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos_LxE[None, :, None, :], sin_LxE[None, :, None, :]
+    return (x_BxLxNxE * cos + rotated * sin).astype(x_BxLxNxE.dtype)
+
+
+def _linear(d_in, d_out, std, rngs):
+    return nnx.Linear(d_in, d_out, use_bias=False,
+                      kernel_init=nnx.initializers.normal(std), rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, m, rngs: nnx.Rngs):
+        self.n_heads, self.n_kv_heads = m.n_heads, m.n_kv_heads
+        self.head_dim = m.d_model // m.n_heads
+        self.q_proj = _linear(m.d_model, m.n_heads * self.head_dim, m.init_std, rngs)
+        self.k_proj = _linear(m.d_model, m.n_kv_heads * self.head_dim, m.init_std, rngs)
+        self.v_proj = _linear(m.d_model, m.n_kv_heads * self.head_dim, m.init_std, rngs)
+        self.o_proj = _linear(m.n_heads * self.head_dim, m.d_model, m.init_std, rngs)
+
+    def __call__(self, x_BxLxD, cos_LxE, sin_LxE, causal: bool):
+        B, L, _ = x_BxLxD.shape
+        H, K, E = self.n_heads, self.n_kv_heads, self.head_dim
+        G = H // K
+        q_BxLxHxE = apply_rope(self.q_proj(x_BxLxD).reshape(B, L, H, E), cos_LxE, sin_LxE)
+        k_BxLxKxE = apply_rope(self.k_proj(x_BxLxD).reshape(B, L, K, E), cos_LxE, sin_LxE)
+        v_BxLxKxE = self.v_proj(x_BxLxD).reshape(B, L, K, E)
+        # Query head h reads KV head h // G, as HF's repeat_kv does.
+        q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, G, E)
+        scores_BxKxGxLxL = jnp.einsum("blkge,bmke->bkglm", q_BxLxKxGxE, k_BxLxKxE)
+        scores_BxKxGxLxL = scores_BxKxGxLxL.astype(jnp.float32) / jnp.sqrt(jnp.float32(E))
+        if causal:
+            allowed_LxL = jnp.tril(jnp.ones((L, L), dtype=bool))
+            scores_BxKxGxLxL = jnp.where(allowed_LxL, scores_BxKxGxLxL, jnp.finfo(jnp.float32).min)
+        probs_BxKxGxLxL = jax.nn.softmax(scores_BxKxGxLxL, axis=-1).astype(v_BxLxKxE.dtype)
+        out_BxLxKxGxE = jnp.einsum("bkglm,bmke->blkge", probs_BxKxGxLxL, v_BxLxKxE)
+        return self.o_proj(out_BxLxKxGxE.reshape(B, L, H * E))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, m, rngs: nnx.Rngs):
+        self.gate_proj = _linear(m.d_model, m.d_ff, m.init_std, rngs)
+        self.up_proj = _linear(m.d_model, m.d_ff, m.init_std, rngs)
+        self.down_proj = _linear(m.d_ff, m.d_model, m.init_std, rngs)
+
+    def __call__(self, x_BxLxD):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_BxLxD)) * self.up_proj(x_BxLxD))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer layer: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, m, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(m.d_model, m.norm_eps)
+        self.attn = Attention(m, rngs)
+        self.post_attention_norm = RMSNorm(m.d_model, m.norm_eps)
+        self.mlp = MLP(m, rngs)
+
+    def __call__(self, x_BxLxD, cos_LxE, sin_LxE, causal: bool):
+        x_BxLxD = x_BxLxD + self.attn(self.input_norm(x_BxLxD), cos_LxE, sin_LxE, causal)
+        return x_BxLxD + self.mlp(self.post_attention_norm(x_BxLxD))
+
+
+class Stack(nnx.Module):
+    """blocks_per_stack Blocks, parameters stacked on a leading axis, applied with scan."""
+
+    def __init__(self, m, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=m.architecture.blocks_per_stack)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs):
+            return Block(m, rngs)
+
+        self.blocks = make_blocks(rngs)
+
+    def __call__(self, x_BxLxD, cos_LxE, sin_LxE, causal: bool):
+        graphdef, blocks_state = nnx.split(self.blocks)
+
+        def one_block(x, block_state):
+            return nnx.merge(graphdef, block_state)(x, cos_LxE, sin_LxE, causal), None
+
+        x_BxLxD, _ = jax.lax.scan(one_block, x_BxLxD, blocks_state)
+        return x_BxLxD
+
+
+class Rack(nnx.Module):
+    """Token embedding, n_stacks Stacks, final RMSNorm and LM head (tied or untied)."""
+
+    def __init__(self, m, rngs: nnx.Rngs):
+        self.config = m
+        self.embed = nnx.Embed(m.vocab_size, m.d_model,
+                               embedding_init=nnx.initializers.normal(m.init_std), rngs=rngs)
+        self.stacks = nnx.List([Stack(m, rngs) for _ in range(m.architecture.n_stacks)])
+        self.final_norm = RMSNorm(m.d_model, m.norm_eps)
+        self.head = None if m.tie_embeddings else _linear(m.d_model, m.vocab_size, m.init_std, rngs)
+
+    @property
+    def n_stacks(self) -> int:
+        return len(self.stacks)
+
+    def run_stacks(self, x_BxLxD, start: int, stop: int, mode: str):
+        """Applies stacks[start:stop] to hidden states."""
+        causal = _check_mode(mode)
+        m = self.config
+        cos_LxE, sin_LxE = rope_cos_sin(x_BxLxD.shape[1], m.d_model // m.n_heads, m.rope_theta)
+        for stack in self.stacks[start:stop]:
+            x_BxLxD = stack(x_BxLxD, cos_LxE, sin_LxE, causal)
+        return x_BxLxD
+
+    def logits(self, x_BxLxD):
+        """Final norm and head."""
+        h_BxLxD = self.final_norm(x_BxLxD)
+        if self.head is None:
+            return self.embed.attend(h_BxLxD)
+        return self.head(h_BxLxD)
+
+    def __call__(self, ids_BxL, mode: str = "bidirectional", n_stacks: int | None = None):
+        """Logits (B, L, V) of the first n_stacks stacks (all by default)."""
+        x_BxLxD = self.embed(ids_BxL)
+        x_BxLxD = self.run_stacks(x_BxLxD, 0, self.n_stacks if n_stacks is None else n_stacks, mode)
+        return self.logits(x_BxLxD)
+
+
+def param_counts(m) -> dict[str, int]:
+    """Parameters per component, computed from abstract shapes (nothing allocated)."""
+    abstract = nnx.eval_shape(lambda: Rack(m, nnx.Rngs(0)))
+    counts: dict[str, int] = {}
+    for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        name = f"stack_{path[1]}" if path[0] == "stacks" else path[0]
+        counts[name] = counts.get(name, 0) + int(jnp.size(leaf) if not hasattr(leaf, "shape")
+                                                 else _prod(leaf.shape))
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

@@ -1,0 +1,308 @@
+"""Training: `python -m stackwise_jax.train --config=configs/tiny.py [--workdir=DIR]`.
+
+One code path for every mode: a run is a sequence of stages (one for end-to-end, one per
+stack otherwise); stages.plan_stage says what trains in each. Rerunning the same command
+resumes from the latest checkpoint at the same stage, step and data position.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from tqdm import tqdm
+
+from stackwise_jax import checkpoint, data, evaluate, objective, stages
+from stackwise_jax import config as config_lib
+from stackwise_jax.errors import UserError
+from stackwise_jax.model import Rack, param_counts
+from stackwise_jax.run import rack_from_params
+
+COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def make_optimizer(t_cfg, n_steps: int) -> optax.GradientTransformation:
+    """AdamW with warmup + cosine decay; weight decay on matrices only (not norms)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, t_cfg.learning_rate, t_cfg.warmup_steps, max(n_steps, t_cfg.warmup_steps + 1),
+        end_value=0.1 * t_cfg.learning_rate)
+    adamw = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=t_cfg.weight_decay,
+                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    if t_cfg.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(t_cfg.grad_clip_norm), adamw)
+    return adamw
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def make_loss_fn(cfg, partition: stages.Partition, mask_range, mask_id: int):
+    """loss(trainable, frozen, ids_BxL, key) for this stage's plan and objective."""
+    t_cfg, plan = cfg.training, partition.plan
+    dtype = COMPUTE_DTYPES[t_cfg.progressive.new_stack_precision]
+
+    def loss_fn(trainable, frozen, ids_BxL, key):
+        # Master weights stay float32; the forward pass runs in the compute dtype.
+        rack = partition.rack(_cast(trainable, dtype), _cast(frozen, dtype))
+        if t_cfg.objective == "causal":
+            return objective.causal_loss(stages.stage_logits(rack, ids_BxL, plan, "causal"), ids_BxL)
+        inputs_BxL, masked_BxL, t_B = objective.sample_mask(key, ids_BxL, *mask_range, mask_id)
+        logits_BxLxV = stages.stage_logits(rack, inputs_BxL, plan, "bidirectional")
+        return objective.masked_diffusion_loss(logits_BxLxV, ids_BxL, masked_BxL, t_B,
+                                               t_cfg.loss_weighting)
+
+    return loss_fn
+
+
+def make_train_step(loss_fn, tx):
+    @functools.partial(jax.jit, donate_argnums=(0, 2))
+    def train_step(trainable, frozen, opt_state, ids_BxL, key):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids_BxL, key)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return train_step
+
+
+def step_key(seed: int, stage: int, step: int):
+    """Mask randomness depends only on (seed, stage, step), so a resumed run redraws it exactly."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stage), step)
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl; on resume, lines past the restored checkpoint are dropped."""
+
+    def __init__(self, workdir: str, keep_up_to_global_step: int | None):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        lines = []
+        if keep_up_to_global_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = [ln for ln in f if ln.strip() and
+                         json.loads(ln)["global_step"] <= keep_up_to_global_step]
+        checkpoint.atomic_write_text(self.path, "".join(lines))
+        self.file = open(self.path, "a")
+
+    def write(self, record: dict):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def _fresh_meta() -> dict:
+    return {"stage": 0, "step": 0, "global_step": 0, "done": False, "stages": [],
+            "stage_wall_s": 0.0, "stage_tokens": 0}
+
+
+def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True) -> dict:
+    """Trains (or resumes) the run in `workdir`; returns the summary once every stage is done.
+
+    max_steps: stop after this many steps in this call (a checkpoint is saved), for
+    notebooks that train in slices. Returns {} in that case if the run is not finished.
+    """
+    config_lib.validate(cfg)
+    checkpoint.claim_workdir(workdir, cfg)
+    summary_path = os.path.join(workdir, "summary.json")
+    if os.path.exists(summary_path):
+        print(f"{workdir}: run already finished; summary in {summary_path}")
+        with open(summary_path) as f:
+            return json.load(f)
+
+    prepared = data.prepare(cfg, workdir)
+    tok = prepared.tokenizer
+    batch_size, seq_len = cfg.data.batch_size, cfg.data.seq_len
+    heldout = data.heldout_batches(prepared.heldout_rows, batch_size, cfg.eval.batches)
+
+    rack = Rack(cfg.model, nnx.Rngs(cfg.training.seed))
+    params = nnx.to_pure_dict(nnx.state(rack, nnx.Param))
+    ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
+    meta, data_state, opt_state = _fresh_meta(), None, None
+    latest = ckpt.latest_step()
+    if latest is not None:
+        meta = ckpt.meta(latest)
+        opt_like = None
+        if meta["step"] > 0 and not meta["done"]:
+            plan = stages.plan_stage(cfg, meta["stage"])
+            trainable_like, _ = stages.Partition(rack, plan).split(params)
+            opt_like = jax.eval_shape(make_optimizer(cfg.training, config_lib.steps_in_stage(cfg)).init,
+                                      trainable_like)
+        params, data_state, opt_state = ckpt.restore(latest, params, opt_like)
+        print(f"resuming {workdir} at stage {meta['stage']}, step {meta['step']} "
+              f"(checkpoint {latest})")
+    metrics = MetricsLog(workdir, meta["global_step"])
+    batches = data.train_batches(prepared.train_rows, batch_size, cfg.data.seed)
+    if data_state:
+        batches.set_state(data_state)
+
+    n_stages, n_steps = config_lib.n_stages(cfg), config_lib.steps_in_stage(cfg)
+    steps_this_call, seg_start, seg_tokens, trainable = 0, time.perf_counter(), 0, {}
+    try:
+        while meta["stage"] < n_stages:
+            if max_steps is not None and steps_this_call >= max_steps:
+                return {}  # the end-of-stage checkpoint already holds this point
+            stage = meta["stage"]
+            plan = stages.plan_stage(cfg, stage)
+            partition = stages.Partition(rack, plan)
+            trainable, frozen = partition.split(params)
+            tx = make_optimizer(cfg.training, n_steps)
+            if opt_state is None:
+                opt_state = tx.init(trainable)
+            mask_range = objective.stage_mask_range(cfg.training, stage, cfg.model.architecture.n_stacks)
+            train_step = make_train_step(make_loss_fn(cfg, partition, mask_range, tok.mask_id), tx)
+
+            bar = tqdm(total=n_steps, initial=meta["step"], disable=not progress, dynamic_ncols=True,
+                       desc=f"stage {stage + 1}/{n_stages} ({_count(trainable) / 1e6:.2f}M trainable)")
+            seg_start, seg_tokens = time.perf_counter(), 0
+            last_log_t, since_log_tokens = seg_start, 0
+            while meta["step"] < n_steps:
+                if max_steps is not None and steps_this_call >= max_steps:
+                    break
+                ids_BxL = next(batches)
+                key = step_key(cfg.training.seed, stage, meta["step"])
+                trainable, opt_state, loss = train_step(trainable, frozen, opt_state,
+                                                        jnp.asarray(ids_BxL), key)
+                meta["step"] += 1
+                meta["global_step"] += 1
+                steps_this_call += 1
+                seg_tokens += batch_size * seq_len
+                since_log_tokens += batch_size * seq_len
+                bar.update(1)
+                if meta["step"] % cfg.training.log_every == 0 or meta["step"] == n_steps:
+                    loss = float(loss)
+                    now = time.perf_counter()
+                    tok_s = since_log_tokens / (now - last_log_t)
+                    last_log_t, since_log_tokens = now, 0
+                    metrics.write({"stage": stage, "step": meta["step"],
+                                   "global_step": meta["global_step"], "loss": loss,
+                                   "tokens_per_s": tok_s})
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                if meta["global_step"] % cfg.checkpoint.every_steps == 0 and meta["step"] < n_steps:
+                    _accumulate(meta, seg_start, seg_tokens)
+                    seg_start, seg_tokens = time.perf_counter(), 0
+                    _save(ckpt, meta, stages.merge_trees(params, trainable), batches, opt_state)
+            bar.close()
+            params = stages.merge_trees(params, trainable)
+            _accumulate(meta, seg_start, seg_tokens)
+            if meta["step"] < n_steps:  # stopped by max_steps
+                _save(ckpt, meta, params, batches, opt_state)
+                return {}
+            record = {"stage": stage, "trainable_params": _count(trainable), "steps": n_steps,
+                      "tokens": meta["stage_tokens"], "wall_s": round(meta["stage_wall_s"], 2)}
+            if cfg.training.objective == "masked_diffusion":
+                record["heldout_loss_t0.5"] = evaluate.masked_diffusion_loss(
+                    rack_from_params(cfg.model, params), heldout, 0.5, tok.mask_id, plan.n_stacks_run)
+            meta["stages"].append(record)
+            meta.update(stage=stage + 1, step=0, stage_wall_s=0.0, stage_tokens=0,
+                        done=stage + 1 == n_stages)
+            opt_state = None
+            _save(ckpt, meta, params, batches, None)
+    except KeyboardInterrupt:
+        print("interrupted: saving a checkpoint to resume from", file=sys.stderr)
+        if meta["step"] > 0:
+            _accumulate(meta, seg_start, seg_tokens)
+            _save(ckpt, meta, stages.merge_trees(params, trainable), batches, opt_state)
+        raise
+    finally:
+        metrics.close()
+        ckpt.close()
+
+    summary = _summarize(cfg, meta, params, prepared, heldout)
+    checkpoint.atomic_write_text(summary_path, json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("mode", "heldout_loss", "heldout_causal_loss",
+                                              "unigram_loss", "wall_s")}, indent=2))
+    return summary
+
+
+def _accumulate(meta, seg_start: float, seg_tokens: int):
+    meta["stage_wall_s"] += time.perf_counter() - seg_start
+    meta["stage_tokens"] += seg_tokens
+
+
+def _save(ckpt, meta, params, batches, opt_state):
+    ckpt.save(meta["global_step"], params, dict(meta), batches.get_state(), opt_state)
+
+
+def _summarize(cfg, meta, params, prepared, heldout) -> dict:
+    rack = rack_from_params(cfg.model, params)
+    mask_id = prepared.tokenizer.mask_id
+    return {
+        "mode": config_lib.mode_name(cfg),
+        "heldout_loss": {str(t): evaluate.masked_diffusion_loss(rack, heldout, t, mask_id)
+                         for t in cfg.eval.mask_ratios},
+        "heldout_causal_loss": evaluate.causal_loss(rack, heldout),
+        "unigram_loss": evaluate.unigram_loss(prepared.train_rows, heldout, cfg.model.vocab_size),
+        "heldout_tokens": int(sum(np.asarray(b).size for b in heldout)),
+        "tokens_seen": int(sum(s["tokens"] for s in meta["stages"])),
+        "wall_s": round(sum(s["wall_s"] for s in meta["stages"]), 2),
+        "stages": meta["stages"],
+        "params": param_counts(cfg.model),
+        "train_files": [os.path.basename(p) for p in prepared.train_files],
+        "heldout_files": [os.path.basename(p) for p in prepared.heldout_files],
+    }
+
+
+# ------------------------------------------------------------------------------- CLI
+
+flags.DEFINE_string("config", None, "config file, e.g. configs/tiny.py; override keys with "
+                    "--config.key=value")
+flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)")
+flags.DEFINE_bool("dry_run", False, "validate the config, print parameter counts, allocate nothing")
+flags.DEFINE_integer("max_steps", None, "stop after this many steps (a checkpoint is saved)")
+FLAGS = flags.FLAGS
+_OVERRIDES: dict[str, str] = {}
+
+
+def dry_run(cfg) -> None:
+    counts = param_counts(cfg.model)
+    print(f"mode: {config_lib.mode_name(cfg)}, {config_lib.n_stages(cfg)} stage(s) of "
+          f"{config_lib.steps_in_stage(cfg)} steps, "
+          f"{cfg.data.batch_size * cfg.data.seq_len} tokens per step")
+    width = max(len(k) for k in counts)
+    for name, n in counts.items():
+        print(f"  {name:<{width}}  {n:>16,d}  ({n / 1e9:.3f}B)")
+
+
+def _main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    try:
+        if not FLAGS.config:
+            raise UserError("--config is required, e.g. --config=configs/tiny.py")
+        cfg = config_lib.load(FLAGS.config, _OVERRIDES)
+        if FLAGS.dry_run:
+            dry_run(cfg)
+            return
+        name = os.path.splitext(os.path.basename(FLAGS.config))[0]
+        run(cfg, FLAGS.workdir or os.path.join("runs", name), max_steps=FLAGS.max_steps)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main():
+    try:
+        rest, overrides = config_lib.split_overrides(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    _OVERRIDES.update(overrides)
+    app.run(_main, argv=[sys.argv[0]] + rest)
+
+
+if __name__ == "__main__":
+    main()

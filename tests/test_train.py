@@ -1,0 +1,197 @@
+"""Training: freezing, resume, load_run, the mode plans, and every bad input from the CLI."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import small_config
+from stackwise_jax import config, stages, train
+from stackwise_jax.run import load_run
+from flax import nnx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def params_of(workdir):
+    return nnx.to_pure_dict(nnx.state(load_run(workdir).rack, nnx.Param))
+
+
+def leaves(tree):
+    return dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+
+
+def test_frozen_stacks_are_bit_identical_after_a_stage_with_weight_decay(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir, **{"training.weight_decay": 0.5})
+    wd = str(tmp_path / "run")
+    train.run(cfg, wd, max_steps=cfg.training.steps_per_stage, progress=False)  # stage 0 only
+    after_stage0 = params_of(wd)
+    summary = train.run(cfg, wd, progress=False)  # stage 1
+    final = params_of(wd)
+    for name in ("embed",):  # train_embedding='first_stage'
+        np.testing.assert_array_equal(final[name]["embedding"], after_stage0[name]["embedding"])
+    for path, value in leaves(after_stage0["stacks"][0]).items():
+        assert np.array_equal(leaves(final["stacks"][0])[path], value), path
+    # The stack and head that did train in stage 1 moved.
+    q0 = after_stage0["stacks"][1]["blocks"]["attn"]["q_proj"]["kernel"]
+    assert not np.array_equal(final["stacks"][1]["blocks"]["attn"]["q_proj"]["kernel"], q0)
+    assert not np.array_equal(final["head"]["kernel"], after_stage0["head"]["kernel"])
+    assert [s["stage"] for s in summary["stages"]] == [0, 1]
+    assert summary["stages"][1]["trainable_params"] < summary["stages"][0]["trainable_params"]
+
+
+def test_stage_partition_has_no_optimizer_state_for_the_trunk(corpus_dir):
+    cfg = small_config(corpus_dir, **{"model.architecture.n_stacks": 3})
+    from stackwise_jax.model import Rack
+    rack = Rack(cfg.model, nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(rack, nnx.Param))
+    plan = stages.plan_stage(cfg, 1)
+    trainable, frozen = stages.Partition(rack, plan).split(params)
+    assert set(trainable) == {"stacks", "final_norm", "head"} and set(trainable["stacks"]) == {1}
+    assert set(frozen) == {"stacks", "embed"} and set(frozen["stacks"]) == {0}  # stack 2 does not run
+    opt_state = train.make_optimizer(cfg.training, 10).init(trainable)
+    n_opt = sum(x.size for x in jax.tree.leaves(opt_state))
+    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+    assert n_opt <= 2 * n_trainable + 10  # Adam's mu and nu for the trainable leaves only
+
+
+def test_stop_gradient_trunk_gets_no_gradient(corpus_dir):
+    cfg = small_config(corpus_dir)
+    from stackwise_jax.model import Rack
+    rack = Rack(cfg.model, nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(rack, nnx.Param))
+    partition = stages.Partition(rack, stages.plan_stage(cfg, 1))
+    trainable, frozen = partition.split(params)
+    loss_fn = train.make_loss_fn(cfg, partition, (0.5, 0.5), 1)
+    ids = jax.random.randint(jax.random.key(0), (2, 16), 2, 300)
+    g_trunk = jax.grad(loss_fn, argnums=1)(trainable, frozen, ids, jax.random.key(1))
+    assert all(float(abs(x).max()) == 0.0 for x in jax.tree.leaves(g_trunk))
+    g_train = jax.grad(loss_fn)(trainable, frozen, ids, jax.random.key(1))
+    assert all(float(abs(x).max()) > 0.0 for x in jax.tree.leaves(g_train))
+
+
+@pytest.mark.parametrize("enabled,trunk,expected", [
+    (True, "frozen", [(0, 1), (1, 2), (2, 3)]),
+    (True, "trainable", [(0, 1), (0, 2), (0, 3)]),
+    (False, "frozen", [(0, 3)]),
+])
+def test_modes_plan_what_trains(corpus_dir, enabled, trunk, expected):
+    cfg = small_config(corpus_dir, **{"model.architecture.n_stacks": 3,
+                                      "training.progressive.enabled": enabled,
+                                      "training.progressive.trunk_strategy": trunk})
+    plans = [stages.plan_stage(cfg, k) for k in range(config.n_stages(cfg))]
+    assert [(p.first_trainable_stack, p.n_stacks_run) for p in plans] == expected
+    assert [p.train_embedding for p in plans] == [True] + [False] * (len(plans) - 1)
+    assert all(p.train_head and p.train_final_norm for p in plans)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir)
+    full = str(tmp_path / "full")
+    summary_full = train.run(cfg, full, progress=False)
+
+    cut = str(tmp_path / "cut")
+    assert train.run(cfg, cut, max_steps=5, progress=False) == {}  # mid stage 0 (6 steps/stage)
+    train.run(cfg, cut, max_steps=4, progress=False)  # into stage 1
+    summary_cut = train.run(cfg, cut, progress=False)
+    for path, value in leaves(params_of(full)).items():
+        assert np.array_equal(leaves(params_of(cut))[path], value), path
+    assert summary_cut["heldout_loss"] == summary_full["heldout_loss"]
+    steps = [json.loads(l)["global_step"] for l in open(os.path.join(cut, "metrics.jsonl"))]
+    assert steps == sorted(set(steps)) == [2, 4, 6, 8, 10, 12]
+
+
+def test_resume_after_crash_uses_last_periodic_checkpoint(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir)
+    full = str(tmp_path / "full")
+    train.run(cfg, full, progress=False)
+    crashed = str(tmp_path / "crashed")
+    train.run(cfg, crashed, max_steps=5, progress=False)
+    # A crash after step 5 leaves only the periodic checkpoint of step 4.
+    shutil.rmtree(os.path.join(crashed, "checkpoints", "5"))
+    train.run(cfg, crashed, progress=False)
+    for path, value in leaves(params_of(full)).items():
+        assert np.array_equal(leaves(params_of(crashed))[path], value), path
+
+
+def test_load_run_returns_a_rack_that_runs_in_both_modes(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir)
+    wd = str(tmp_path / "run")
+    summary = train.run(cfg, wd, progress=False)
+    rack, tokenizer, loaded_cfg = load_run(wd)
+    ids = np.array([tokenizer.encode("The king finds the map by the river.")[:16]])
+    for mode in ("causal", "bidirectional"):
+        assert rack(ids, mode).shape == (1, ids.shape[1], cfg.model.vocab_size)
+    assert loaded_cfg.model.d_model == cfg.model.d_model
+    assert set(summary["heldout_loss"]) == {"0.15", "0.5", "0.9"}
+    assert summary["tokens_seen"] == 2 * 6 * cfg.data.batch_size * cfg.data.seq_len
+    lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+    assert {"stage", "step", "loss", "tokens_per_s"} <= set(lines[0])
+    assert all(l["tokens_per_s"] > 0 for l in lines)
+
+
+def test_end_to_end_gets_the_same_token_budget(corpus_dir, tmp_path):
+    cfg = small_config(corpus_dir, **{"training.progressive.enabled": False})
+    summary = train.run(cfg, str(tmp_path / "e2e"), progress=False)
+    assert summary["mode"] == "end_to_end" and len(summary["stages"]) == 1
+    assert summary["tokens_seen"] == 2 * 6 * cfg.data.batch_size * cfg.data.seq_len
+
+
+# ------------------------------------------------------------------------ bad input, CLI
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "stackwise_jax.train", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.model.n_kv_heads=3", "model.n_kv_heads"),
+    ("--config.model.n_heads=3", "model.n_heads"),
+    ("--config.training.min_mask_fraction=0", "training.min_mask_fraction"),
+    ("--config.training.max_mask_fraction=1.2", "training.max_mask_fraction"),
+    ("--config.training.min_mask_fraction=0.8", "training.max_mask_fraction"),  # min > max (0.9 default)
+    ("--config.model.d_modle=64", "model.d_modle"),
+    ("--config.training.mask_schedule_type=exponential", "linear, cosine"),
+    ("--config.data.files=/nonexistent/*.txt", "data.files"),
+])
+def test_bad_input_stops_with_a_message_naming_the_key(tmp_path, override, needle):
+    if "min_mask_fraction=0.8" in override:
+        override = [override, "--config.training.max_mask_fraction=0.5"]
+    else:
+        override = [override]
+    wd = tmp_path / "wd"
+    r = cli("--config=configs/tiny.py", f"--workdir={wd}", *override)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().startswith("error:")
+
+
+def test_workdir_of_another_config_is_refused_and_left_untouched(corpus_dir, tmp_path):
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    other = small_config(corpus_dir)
+    (wd / "config.json").write_text(config.to_json(other))
+    before = {p: p.read_bytes() for p in wd.iterdir()}
+    r = cli("--config=configs/tiny.py", f"--workdir={wd}")
+    assert r.returncode == 2 and "different config" in r.stderr and "Traceback" not in r.stderr
+    assert "model.d_model" in r.stderr
+    assert {p: p.read_bytes() for p in wd.iterdir()} == before
+
+
+def test_dry_run_of_70b_reports_parameters_without_allocating():
+    code = ("import resource, runpy, sys; sys.argv = ['train', '--config=configs/llama70b.py', "
+            "'--dry_run']\ntry:\n  runpy.run_module('stackwise_jax.train', run_name='__main__')\n"
+            "except SystemExit: pass\n"
+            "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "70,553,706,496" in r.stdout
+    maxrss_gb = int(r.stdout.split("maxrss_kb")[1]) / 2**20
+    assert maxrss_gb < 3, maxrss_gb  # 70B float32 weights would be 282 GB
