@@ -17,9 +17,9 @@ def get_config():
     c.model.architecture.blocks_per_stack = 1
     c.data.seq_len = 128
     c.data.batch_size = 16
-    c.training.steps_per_stage = 150
+    c.training.steps_per_stage = 400
     c.training.learning_rate = 3e-3
-    c.training.warmup_steps = 15
+    c.training.warmup_steps = 40
     c.checkpoint.every_steps = 100
     c.eval.batches = 16
     return c

@@ -104,10 +104,11 @@ def _abstract(tree):
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, max_to_keep: int):
+    def __init__(self, workdir: str, max_to_keep: int, create: bool = True):
+        """create=False for readers: a run without checkpoints/ is left as it is."""
         self.manager = ocp.CheckpointManager(
             os.path.abspath(os.path.join(workdir, "checkpoints")),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

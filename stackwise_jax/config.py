@@ -75,6 +75,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.training.progressive.trunk_strategy = "frozen"
     c.training.progressive.new_stack_precision = "fp32"
     c.training.progressive.cache_activations = False
+    c.training.progressive.cache_dtype = "bf16"  # fp32, bf16 or fp8 (e4m3, per-token scales)
+    c.training.progressive.cache_views = 1  # mask samples stored per training sequence
+    c.training.progressive.keep_previous_cache = False
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 100

@@ -239,8 +239,11 @@ def pack(texts: list[str], tokenizer: Tokenizer, seq_len: int) -> np.ndarray:
     return np.asarray(ids[:n * seq_len], dtype=np.int32).reshape(n, seq_len)
 
 
-def train_batches(rows_NxL: np.ndarray, batch_size: int, seed: int):
+def train_batches(rows_NxL, batch_size: int, seed: int):
     """Endless (batch_size, L) int32 batches; a new shuffle each epoch, remainder dropped.
+
+    rows_NxL may also be any random-access source of dict rows (the activation cache),
+    which then yields dicts of stacked arrays.
 
     grain's shuffle draws a fresh permutation for every pass over its indices, and batch
     maps its own epochs onto the shuffle's, so this order (shuffle, batch, repeat) gives
@@ -250,7 +253,8 @@ def train_batches(rows_NxL: np.ndarray, batch_size: int, seed: int):
     if len(rows_NxL) < batch_size:
         raise UserError(f"data.batch_size={batch_size} is more than the {len(rows_NxL)} "
                         "training rows; lower data.batch_size or data.seq_len, or add text")
-    ds = (grain.MapDataset.source(np.asarray(rows_NxL, np.int32))
+    source = np.asarray(rows_NxL, np.int32) if isinstance(rows_NxL, np.ndarray) else rows_NxL
+    ds = (grain.MapDataset.source(source)
           .shuffle(seed=seed).batch(batch_size, drop_remainder=True).repeat(None))
     return iter(ds)
 

@@ -44,7 +44,9 @@ def load_run(workdir: str, require_finished: bool = False) -> LoadedRun:
     from stackwise_jax import data  # deferred: data pulls in grain and tokenizers
 
     cfg = checkpoint.read_config(workdir)
-    ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise UserError(f"'{workdir}' has no checkpoint yet; train first")
+    ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep, create=False)
     step = ckpt.latest_step()
     if step is None:
         raise UserError(f"'{workdir}' has no checkpoint yet; train first")

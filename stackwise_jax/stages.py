@@ -15,10 +15,24 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from stackwise_jax import config as config_lib
 from stackwise_jax.model import Rack
+
+
+COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def compute_dtype(cfg):
+    """The dtype the trained stack computes in; its master weights stay float32."""
+    return COMPUTE_DTYPES[cfg.training.progressive.new_stack_precision]
+
+
+def cast_floats(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        tree)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ resumes from the latest checkpoint at the same stage, step and data position.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -21,13 +22,11 @@ from absl import app, flags, logging
 from flax import nnx
 from tqdm import tqdm
 
-from stackwise_jax import checkpoint, data, evaluate, objective, stages
+from stackwise_jax import cache, checkpoint, data, evaluate, objective, stages
 from stackwise_jax import config as config_lib
 from stackwise_jax.errors import UserError
 from stackwise_jax.model import Rack, param_counts
 from stackwise_jax.run import rack_from_params
-
-COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 def make_optimizer(t_cfg, n_steps: int) -> optax.GradientTransformation:
@@ -42,18 +41,14 @@ def make_optimizer(t_cfg, n_steps: int) -> optax.GradientTransformation:
     return adamw
 
 
-def _cast(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
 def make_loss_fn(cfg, partition: stages.Partition, mask_range, mask_id: int):
     """loss(trainable, frozen, ids_BxL, key) for this stage's plan and objective."""
     t_cfg, plan = cfg.training, partition.plan
-    dtype = COMPUTE_DTYPES[t_cfg.progressive.new_stack_precision]
+    dtype = stages.compute_dtype(cfg)
 
     def loss_fn(trainable, frozen, ids_BxL, key):
         # Master weights stay float32; the forward pass runs in the compute dtype.
-        rack = partition.rack(_cast(trainable, dtype), _cast(frozen, dtype))
+        rack = partition.rack(stages.cast_floats(trainable, dtype), stages.cast_floats(frozen, dtype))
         if t_cfg.objective == "causal":
             return objective.causal_loss(stages.stage_logits(rack, ids_BxL, plan, "causal"), ids_BxL)
         inputs_BxL, masked_BxL, t_B = objective.sample_mask(key, ids_BxL, *mask_range, mask_id)
@@ -109,11 +104,67 @@ def _fresh_meta() -> dict:
             "stage_wall_s": 0.0, "stage_tokens": 0}
 
 
-def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True) -> dict:
+@dataclasses.dataclass
+class StageRunner:
+    """What one stage trains and how: its partition, step function and batch source."""
+
+    trainable: dict
+    frozen: dict
+    step: object  # jitted (trainable, frozen, opt_state, batch, key) -> (trainable, opt_state, loss)
+    batches: object  # grain iterator with get_state / set_state
+    to_full: object  # (params, trainable) -> params
+    source: str  # 'tokens' or 'cache'
+
+
+class Trainer:
+    """Builds each stage's runner; holds what lives across stages (the compiled cached step)."""
+
+    def __init__(self, cfg, workdir: str, prepared, rebuild_cache: bool):
+        self.cfg, self.workdir, self.prepared = cfg, workdir, prepared
+        self.rebuild_cache = rebuild_cache
+        self.template = nnx.eval_shape(lambda: Rack(cfg.model, nnx.Rngs(0)))
+        self.tx = make_optimizer(cfg.training, config_lib.steps_in_stage(cfg))
+        self.cached_step = None  # one compiled step serves every cached stage
+        self.cache_seconds: dict[int, float] = {}  # opening or building each stage's cache
+        self.token_batches = data.train_batches(prepared.train_rows, cfg.data.batch_size,
+                                                cfg.data.seed)
+
+    def uses_cache(self, stage: int) -> bool:
+        return self.cfg.training.progressive.cache_activations and stage >= 1
+
+    def runner(self, stage: int, params: dict) -> StageRunner:
+        cfg, mask_id = self.cfg, self.prepared.tokenizer.mask_id
+        plan = stages.plan_stage(cfg, stage)
+        if not self.uses_cache(stage):
+            partition = stages.Partition(self.template, plan)
+            trainable, frozen = partition.split(params)
+            mask_range = objective.stage_mask_range(cfg.training, stage,
+                                                    cfg.model.architecture.n_stacks)
+            step = make_train_step(make_loss_fn(cfg, partition, mask_range, mask_id), self.tx)
+            return StageRunner(trainable, frozen, step, self.token_batches,
+                               lambda full, tr: stages.merge_trees(full, tr), "tokens")
+        start = time.perf_counter()
+        reader = cache.open_or_build(cfg, self.workdir, stage, rack_from_params(cfg.model, params),
+                                     self.prepared.train_rows, mask_id, self.rebuild_cache)
+        self.cache_seconds[stage] = self.cache_seconds.get(stage, 0.0) + time.perf_counter() - start
+        self.rebuild_cache = False  # once, for the stage the run resumes in
+        partition = cache.cached_partition(cfg.model, plan)
+        trainable, frozen = partition.split(cache.to_one_stack(params, stage))
+        if self.cached_step is None:
+            self.cached_step = make_train_step(cache.make_cached_loss_fn(cfg, partition),
+                                               self.tx)
+        batches = data.train_batches(reader, cfg.data.batch_size, cfg.data.seed + stage)
+        return StageRunner(trainable, frozen, self.cached_step, batches,
+                           lambda full, tr: cache.from_one_stack(full, tr, stage), "cache")
+
+
+def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
+        rebuild_cache: bool = False) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the summary once every stage is done.
 
     max_steps: stop after this many steps in this call (a checkpoint is saved), for
     notebooks that train in slices. Returns {} in that case if the run is not finished.
+    rebuild_cache: regenerate the activation cache of the stage the run resumes in.
     """
     config_lib.validate(cfg)
     checkpoint.claim_workdir(workdir, cfg)
@@ -124,58 +175,65 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True) 
             return json.load(f)
 
     prepared = data.prepare(cfg, workdir)
-    tok = prepared.tokenizer
     batch_size, seq_len = cfg.data.batch_size, cfg.data.seq_len
     heldout = data.heldout_batches(prepared.heldout_rows, batch_size, cfg.eval.batches)
+    trainer = Trainer(cfg, workdir, prepared, rebuild_cache)
 
-    rack = Rack(cfg.model, nnx.Rngs(cfg.training.seed))
-    params = nnx.to_pure_dict(nnx.state(rack, nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(Rack(cfg.model, nnx.Rngs(cfg.training.seed)), nnx.Param))
     ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
-    meta, data_state, opt_state = _fresh_meta(), None, None
+    meta, data_state, opt_state = _fresh_meta(), {}, None
     latest = ckpt.latest_step()
     if latest is not None:
         meta = ckpt.meta(latest)
         opt_like = None
         if meta["step"] > 0 and not meta["done"]:
             plan = stages.plan_stage(cfg, meta["stage"])
-            trainable_like, _ = stages.Partition(rack, plan).split(params)
-            opt_like = jax.eval_shape(make_optimizer(cfg.training, config_lib.steps_in_stage(cfg)).init,
-                                      trainable_like)
+            like = (cache.cached_partition(cfg.model, plan).split(cache.to_one_stack(params, meta["stage"]))
+                    if trainer.uses_cache(meta["stage"]) else
+                    stages.Partition(trainer.template, plan).split(params))[0]
+            opt_like = jax.eval_shape(trainer.tx.init, like)
         params, data_state, opt_state = ckpt.restore(latest, params, opt_like)
         print(f"resuming {workdir} at stage {meta['stage']}, step {meta['step']} "
               f"(checkpoint {latest})")
     metrics = MetricsLog(workdir, meta["global_step"])
-    batches = data.train_batches(prepared.train_rows, batch_size, cfg.data.seed)
-    if data_state:
-        batches.set_state(data_state)
+    if data_state.get("tokens"):
+        trainer.token_batches.set_state(data_state["tokens"])
 
     n_stages, n_steps = config_lib.n_stages(cfg), config_lib.steps_in_stage(cfg)
-    steps_this_call, seg_start, seg_tokens, trainable = 0, time.perf_counter(), 0, {}
+    steps_this_call, seg_start, seg_tokens = 0, time.perf_counter(), 0
+    r = None
+
+    def save(opt):
+        if ckpt.latest_step() == meta["global_step"]:
+            return  # saved at this step already (a stop right after a periodic save)
+        state = {"tokens": trainer.token_batches.get_state()}
+        if r is not None and r.source == "cache" and meta["step"] > 0:
+            state["cache"] = r.batches.get_state()
+        ckpt.save(meta["global_step"], params if r is None else r.to_full(params, r.trainable),
+                  dict(meta), state, opt)
+
     try:
         while meta["stage"] < n_stages:
             if max_steps is not None and steps_this_call >= max_steps:
-                return {}  # the end-of-stage checkpoint already holds this point
+                return {}
             stage = meta["stage"]
-            plan = stages.plan_stage(cfg, stage)
-            partition = stages.Partition(rack, plan)
-            trainable, frozen = partition.split(params)
-            tx = make_optimizer(cfg.training, n_steps)
+            r = trainer.runner(stage, params)
+            if r.source == "cache" and data_state.get("cache") and meta["step"] > 0:
+                r.batches.set_state(data_state["cache"])
             if opt_state is None:
-                opt_state = tx.init(trainable)
-            mask_range = objective.stage_mask_range(cfg.training, stage, cfg.model.architecture.n_stacks)
-            train_step = make_train_step(make_loss_fn(cfg, partition, mask_range, tok.mask_id), tx)
+                opt_state = trainer.tx.init(r.trainable)
 
             bar = tqdm(total=n_steps, initial=meta["step"], disable=not progress, dynamic_ncols=True,
-                       desc=f"stage {stage + 1}/{n_stages} ({_count(trainable) / 1e6:.2f}M trainable)")
+                       desc=f"stage {stage + 1}/{n_stages} ({_count(r.trainable) / 1e6:.2f}M "
+                            f"trainable, from {r.source})")
             seg_start, seg_tokens = time.perf_counter(), 0
             last_log_t, since_log_tokens = seg_start, 0
             while meta["step"] < n_steps:
                 if max_steps is not None and steps_this_call >= max_steps:
                     break
-                ids_BxL = next(batches)
+                batch = jax.tree.map(jnp.asarray, next(r.batches))
                 key = step_key(cfg.training.seed, stage, meta["step"])
-                trainable, opt_state, loss = train_step(trainable, frozen, opt_state,
-                                                        jnp.asarray(ids_BxL), key)
+                r.trainable, opt_state, loss = r.step(r.trainable, r.frozen, opt_state, batch, key)
                 meta["step"] += 1
                 meta["global_step"] += 1
                 steps_this_call += 1
@@ -194,47 +252,55 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True) 
                 if meta["global_step"] % cfg.checkpoint.every_steps == 0 and meta["step"] < n_steps:
                     _accumulate(meta, seg_start, seg_tokens)
                     seg_start, seg_tokens = time.perf_counter(), 0
-                    _save(ckpt, meta, stages.merge_trees(params, trainable), batches, opt_state)
+                    save(opt_state)
             bar.close()
-            params = stages.merge_trees(params, trainable)
             _accumulate(meta, seg_start, seg_tokens)
+            seg_start, seg_tokens = time.perf_counter(), 0
             if meta["step"] < n_steps:  # stopped by max_steps
-                _save(ckpt, meta, params, batches, opt_state)
+                save(opt_state)
                 return {}
-            record = {"stage": stage, "trainable_params": _count(trainable), "steps": n_steps,
-                      "tokens": meta["stage_tokens"], "wall_s": round(meta["stage_wall_s"], 2)}
+            params = r.to_full(params, r.trainable)
+            r, opt_state, data_state = None, None, {}
+            record = {"stage": stage, "trainable_params": _count(trainable_of(cfg, stage, params)),
+                      "steps": n_steps, "tokens": meta["stage_tokens"],
+                      "wall_s": round(meta["stage_wall_s"], 2)}
+            if stage in trainer.cache_seconds:
+                record["cache_s"] = round(trainer.cache_seconds[stage], 2)
             if cfg.training.objective == "masked_diffusion":
                 record["heldout_loss_t0.5"] = evaluate.masked_diffusion_loss(
-                    rack_from_params(cfg.model, params), heldout, 0.5, tok.mask_id, plan.n_stacks_run)
+                    rack_from_params(cfg.model, params), heldout, 0.5, prepared.tokenizer.mask_id,
+                    stages.plan_stage(cfg, stage).n_stacks_run)
             meta["stages"].append(record)
             meta.update(stage=stage + 1, step=0, stage_wall_s=0.0, stage_tokens=0,
                         done=stage + 1 == n_stages)
-            opt_state = None
-            _save(ckpt, meta, params, batches, None)
+            save(None)
     except KeyboardInterrupt:
         print("interrupted: saving a checkpoint to resume from", file=sys.stderr)
-        if meta["step"] > 0:
+        if meta["step"] > 0 and r is not None:
             _accumulate(meta, seg_start, seg_tokens)
-            _save(ckpt, meta, stages.merge_trees(params, trainable), batches, opt_state)
+            save(opt_state)
         raise
     finally:
         metrics.close()
         ckpt.close()
 
     summary = _summarize(cfg, meta, params, prepared, heldout)
+    if trainer.cached_step is not None:
+        summary["cached_step_compilations"] = trainer.cached_step._cache_size()
     checkpoint.atomic_write_text(summary_path, json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("mode", "heldout_loss", "heldout_causal_loss",
                                               "unigram_loss", "wall_s")}, indent=2))
     return summary
 
 
+def trainable_of(cfg, stage: int, params: dict) -> dict:
+    return stages.Partition(nnx.eval_shape(lambda: Rack(cfg.model, nnx.Rngs(0))),
+                            stages.plan_stage(cfg, stage)).split(params)[0]
+
+
 def _accumulate(meta, seg_start: float, seg_tokens: int):
     meta["stage_wall_s"] += time.perf_counter() - seg_start
     meta["stage_tokens"] += seg_tokens
-
-
-def _save(ckpt, meta, params, batches, opt_state):
-    ckpt.save(meta["global_step"], params, dict(meta), batches.get_state(), opt_state)
 
 
 def _summarize(cfg, meta, params, prepared, heldout) -> dict:
@@ -263,6 +329,8 @@ flags.DEFINE_string("config", None, "config file, e.g. configs/tiny.py; override
 flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)")
 flags.DEFINE_bool("dry_run", False, "validate the config, print parameter counts, allocate nothing")
 flags.DEFINE_integer("max_steps", None, "stop after this many steps (a checkpoint is saved)")
+flags.DEFINE_bool("rebuild_cache", False, "regenerate the activation cache of the stage the run "
+                  "resumes in (after a corrupted or truncated shard is reported)")
 FLAGS = flags.FLAGS
 _OVERRIDES: dict[str, str] = {}
 
@@ -288,7 +356,8 @@ def _main(argv):
             dry_run(cfg)
             return
         name = os.path.splitext(os.path.basename(FLAGS.config))[0]
-        run(cfg, FLAGS.workdir or os.path.join("runs", name), max_steps=FLAGS.max_steps)
+        run(cfg, FLAGS.workdir or os.path.join("runs", name), max_steps=FLAGS.max_steps,
+            rebuild_cache=FLAGS.rebuild_cache)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -9,6 +9,7 @@ from absl import logging
 from stackwise_jax import config
 
 logging.set_verbosity(logging.WARNING)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
 
 SUBJECTS = ["the king", "a sailor", "my sister", "the old dog", "our captain", "the miller",
             "a stranger", "the queen", "his friend", "the young clerk"]

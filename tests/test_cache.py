@@ -1,0 +1,155 @@
+"""Activation cache: equivalence with recomputing the trunk, one compile, integrity, resume."""
+
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import small_config
+from stackwise_jax import cache, cache_store, objective, stages, train
+from stackwise_jax.errors import UserError
+from stackwise_jax.model import Rack
+from stackwise_jax.run import load_run
+
+
+def cached_cfg(corpus_dir, **kw):
+    base = {"model.architecture.n_stacks": 3, "training.progressive.cache_activations": True,
+            "training.progressive.cache_dtype": "fp32"}
+    return small_config(corpus_dir, **{**base, **kw})
+
+
+def trained_params(cfg, seed=0):
+    """Random but not degenerate parameters (every stack differs)."""
+    return nnx.to_pure_dict(nnx.state(Rack(cfg.model, nnx.Rngs(seed)), nnx.Param))
+
+
+@pytest.mark.parametrize("dtype,tol", [("fp32", 0.0), ("bf16", 2e-2), ("fp8", 1e-1)])
+def test_cached_loss_and_grads_equal_recomputing_the_trunk(corpus_dir, tmp_path, dtype, tol):
+    cfg = cached_cfg(corpus_dir, **{"training.progressive.cache_dtype": dtype})
+    params = trained_params(cfg)
+    rows = np.random.default_rng(0).integers(2, 300, size=(8, cfg.data.seq_len)).astype(np.int32)
+    from stackwise_jax.run import rack_from_params
+    k = 2  # built incrementally: stage 1 through the trunk, stage 2 through stack 1
+    for stage in (1, 2):
+        reader = cache.build(cfg, str(tmp_path), stage, rack_from_params(cfg.model, params), rows, 1)
+    batch = jax.tree.map(jnp.asarray, reader.batch(np.arange(8)))
+
+    plan = stages.plan_stage(cfg, k)
+    cpart = cache.cached_partition(cfg.model, plan)
+    c_train, c_frozen = cpart.split(cache.to_one_stack(params, k))
+    cached_loss = cache.make_cached_loss_fn(cfg, cpart)
+    loss_c, grads_c = jax.value_and_grad(cached_loss)(c_train, c_frozen, batch, None)
+
+    part = stages.Partition(nnx.eval_shape(lambda: Rack(cfg.model, nnx.Rngs(0))), plan)
+    r_train, r_frozen = part.split(params)
+
+    def recompute_loss(trainable, frozen):
+        logits = stages.stage_logits(part.rack(trainable, frozen), batch["inputs"], plan,
+                                     "bidirectional")
+        return objective.masked_diffusion_loss(logits, batch["targets"], batch["masked"],
+                                               batch["t"], "mean")
+
+    loss_r, grads_r = jax.value_and_grad(recompute_loss)(r_train, r_frozen)
+    grads_r = cache.to_one_stack(grads_r, k)
+    if tol == 0.0:
+        assert float(loss_c) == float(loss_r)
+    np.testing.assert_allclose(loss_c, loss_r, rtol=tol, atol=0)
+    for (path, g_c), g_r in zip(jax.tree_util.tree_flatten_with_path(grads_c)[0],
+                                jax.tree.leaves(grads_r)):
+        scale = float(jnp.abs(g_r).max()) + 1e-12
+        err = float(jnp.abs(g_c - g_r).max()) / scale
+        assert err <= max(tol, 1e-6) * (10 if dtype != "fp32" else 1), (path, err)
+
+
+def test_cached_run_compiles_the_step_once_and_keeps_one_cache(corpus_dir, tmp_path):
+    cfg = cached_cfg(corpus_dir, **{"model.architecture.n_stacks": 4})
+    wd = str(tmp_path / "run")
+    summary = train.run(cfg, wd, progress=False)
+    assert summary["cached_step_compilations"] == 1  # stages 1, 2 and 3 share one program
+    assert all("cache_s" in s for s in summary["stages"][1:])
+    assert sorted(os.listdir(os.path.join(wd, "cache"))) == ["stage_3"]  # older ones deleted
+
+
+def test_schedule_mode_rebuilds_through_the_trunk(corpus_dir, tmp_path, capsys):
+    cfg = cached_cfg(corpus_dir, **{"training.mask_schedule_type": "linear",
+                                    "training.progressive.keep_previous_cache": True})
+    wd = str(tmp_path / "run")
+    train.run(cfg, wd, progress=False)
+    out = capsys.readouterr().out
+    assert "stage 2 through the embedding and stacks 0..1" in out
+    metas = [cache_store.open_cache(d).meta for d in sorted(glob.glob(os.path.join(wd, "cache", "*")))]
+    assert [m["t_range"][0] for m in metas] == pytest.approx([0.525, 0.9])  # linear ratios
+
+
+def test_views_multiply_rows(corpus_dir, tmp_path):
+    cfg = cached_cfg(corpus_dir, **{"training.progressive.cache_views": 3,
+                                    "training.progressive.keep_previous_cache": True})
+    wd = str(tmp_path / "run")
+    train.run(cfg, wd, progress=False)
+    reader = cache_store.open_cache(os.path.join(wd, "cache", "stage_1"))
+    n = len(reader) // 3
+    rows = reader.batch(np.arange(6))
+    assert (rows["targets"][0] == rows["targets"][2]).all()  # three views of one sequence
+    assert not (rows["masked"][0] == rows["masked"][1]).all()  # with different masks
+    assert len(reader) == 3 * n
+
+
+def test_corrupt_shard_is_named_and_rebuild_fixes_it(corpus_dir, tmp_path):
+    cfg = cached_cfg(corpus_dir)
+    wd = str(tmp_path / "run")
+    full = str(tmp_path / "full")
+    train.run(cfg, full, progress=False)
+    train.run(cfg, wd, max_steps=cfg.training.steps_per_stage + 2, progress=False)  # mid stage 1
+    shard = sorted(glob.glob(os.path.join(wd, "cache", "stage_1", "shard-*.npy")))[0]
+    with open(shard, "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(UserError, match=r"shard-00000\.npy.*--rebuild_cache"):
+        train.run(cfg, wd, progress=False)
+    train.run(cfg, wd, progress=False, rebuild_cache=True)
+    a = jax.tree.leaves(nnx.state(load_run(full).rack, nnx.Param))
+    b = jax.tree.leaves(nnx.state(load_run(wd).rack, nnx.Param))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # rebuilt cache is the same cache
+
+
+def test_resume_mid_stage_reuses_the_cache(corpus_dir, tmp_path, capsys):
+    cfg = cached_cfg(corpus_dir)
+    wd = str(tmp_path / "run")
+    train.run(cfg, wd, max_steps=cfg.training.steps_per_stage + 3, progress=False)
+    manifest = os.path.join(wd, "cache", "stage_1", "manifest.json")
+    before = os.stat(manifest).st_mtime_ns
+    capsys.readouterr()
+    summary = train.run(cfg, wd, progress=False)
+    assert "building the activation cache of stage 1" not in capsys.readouterr().out
+    assert summary["stages"][1]["steps"] == cfg.training.steps_per_stage
+    full = str(tmp_path / "full")
+    train.run(cfg, full, progress=False)
+    a = jax.tree.leaves(nnx.state(load_run(full).rack, nnx.Param))
+    b = jax.tree.leaves(nnx.state(load_run(wd).rack, nnx.Param))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert before > 0
+
+
+def test_refuses_a_cache_that_does_not_fit_on_disk(corpus_dir, tmp_path, monkeypatch):
+    cfg = cached_cfg(corpus_dir)
+    monkeypatch.setattr(cache_store, "_free_bytes", lambda path: 1000)
+    wd = str(tmp_path / "run")
+    with pytest.raises(UserError, match="cache"):
+        train.run(cfg, wd, progress=False)
+    assert not os.path.exists(os.path.join(wd, "cache", "stage_1"))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ({"training.progressive.trunk_strategy": "trainable"}, "frozen trunk"),
+    ({"training.train_embedding": "every_stage"}, "train_embedding"),
+    ({"training.progressive.cache_dtype": "int4"}, "cache_dtype"),
+])
+def test_cache_config_errors_name_the_key(corpus_dir, override, needle):
+    with pytest.raises(UserError, match=needle):
+        cached_cfg(corpus_dir, **override)
