@@ -65,17 +65,17 @@ def spec_for(cfg, n_sequences: int) -> cache_store.CacheSpec:
 
 
 def bytes_and_flops_per_token(cfg) -> dict:
-    """What a cache costs per training token and view (see docs/cache.md)."""
+    """What a cache costs per training token and view (see docs/cache.md).
+
+    An incremental build runs one stack forward per token (stack_forward_flops_per_token);
+    a rebuild at the start of stage k runs k of them (the embedding is a lookup).
+    """
     from stackwise_jax.model import param_counts
 
-    spec = spec_for(cfg, 1)
-    counts = param_counts(cfg.model)
     m, L = cfg.model, cfg.data.seq_len
-    attn = 4 * L * m.d_model * m.architecture.blocks_per_stack  # QK^T and PV, per token
-    stack_flops = 2 * counts["stack_0"] + attn
-    return {"bytes_per_token": spec.bytes_per_row() / L,
-            "incremental_flops_per_token": stack_flops,
-            "rebuild_flops_per_token_at_stage_k": f"k * {stack_flops}"}
+    attention = 4 * L * m.d_model * m.architecture.blocks_per_stack  # QK^T and PV
+    return {"bytes_per_token": spec_for(cfg, 1).bytes_per_row() / L,
+            "stack_forward_flops_per_token": 2 * param_counts(m)["stack_0"] + attention}
 
 
 # ------------------------------------------------------------------- one-stack layout

@@ -132,12 +132,22 @@ class Trainer:
     def uses_cache(self, stage: int) -> bool:
         return self.cfg.training.progressive.cache_activations and stage >= 1
 
+    def partition(self, stage: int) -> stages.Partition:
+        plan = stages.plan_stage(self.cfg, stage)
+        if self.uses_cache(stage):
+            return cache.cached_partition(self.cfg.model, plan)
+        return stages.Partition(self.template, plan)
+
+    def split(self, stage: int, params: dict) -> tuple[dict, dict]:
+        """(trainable, frozen) of `stage`, in the layout its step takes."""
+        params = cache.to_one_stack(params, stage) if self.uses_cache(stage) else params
+        return self.partition(stage).split(params)
+
     def runner(self, stage: int, params: dict) -> StageRunner:
         cfg, mask_id = self.cfg, self.prepared.tokenizer.mask_id
-        plan = stages.plan_stage(cfg, stage)
+        partition = self.partition(stage)
+        trainable, frozen = self.split(stage, params)
         if not self.uses_cache(stage):
-            partition = stages.Partition(self.template, plan)
-            trainable, frozen = partition.split(params)
             mask_range = objective.stage_mask_range(cfg.training, stage,
                                                     cfg.model.architecture.n_stacks)
             step = make_train_step(make_loss_fn(cfg, partition, mask_range, mask_id), self.tx)
@@ -148,8 +158,6 @@ class Trainer:
                                      self.prepared.train_rows, mask_id, self.rebuild_cache)
         self.cache_seconds[stage] = self.cache_seconds.get(stage, 0.0) + time.perf_counter() - start
         self.rebuild_cache = False  # once, for the stage the run resumes in
-        partition = cache.cached_partition(cfg.model, plan)
-        trainable, frozen = partition.split(cache.to_one_stack(params, stage))
         if self.cached_step is None:
             self.cached_step = make_train_step(cache.make_cached_loss_fn(cfg, partition),
                                                self.tx)
@@ -167,6 +175,7 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
     rebuild_cache: regenerate the activation cache of the stage the run resumes in.
     """
     config_lib.validate(cfg)
+    data.corpus_files(cfg.data)  # a bad glob fails here, before the workdir is touched
     checkpoint.claim_workdir(workdir, cfg)
     summary_path = os.path.join(workdir, "summary.json")
     if os.path.exists(summary_path):
@@ -187,11 +196,7 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
         meta = ckpt.meta(latest)
         opt_like = None
         if meta["step"] > 0 and not meta["done"]:
-            plan = stages.plan_stage(cfg, meta["stage"])
-            like = (cache.cached_partition(cfg.model, plan).split(cache.to_one_stack(params, meta["stage"]))
-                    if trainer.uses_cache(meta["stage"]) else
-                    stages.Partition(trainer.template, plan).split(params))[0]
-            opt_like = jax.eval_shape(trainer.tx.init, like)
+            opt_like = jax.eval_shape(trainer.tx.init, trainer.split(meta["stage"], params)[0])
         params, data_state, opt_state = ckpt.restore(latest, params, opt_like)
         print(f"resuming {workdir} at stage {meta['stage']}, step {meta['step']} "
               f"(checkpoint {latest})")
@@ -261,7 +266,7 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
                 return {}
             params = r.to_full(params, r.trainable)
             r, opt_state, data_state = None, None, {}
-            record = {"stage": stage, "trainable_params": _count(trainable_of(cfg, stage, params)),
+            record = {"stage": stage, "trainable_params": _count(trainer.split(stage, params)[0]),
                       "steps": n_steps, "tokens": meta["stage_tokens"],
                       "wall_s": round(meta["stage_wall_s"], 2)}
             if stage in trainer.cache_seconds:
@@ -291,11 +296,6 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
     print(json.dumps({k: summary[k] for k in ("mode", "heldout_loss", "heldout_causal_loss",
                                               "unigram_loss", "wall_s")}, indent=2))
     return summary
-
-
-def trainable_of(cfg, stage: int, params: dict) -> dict:
-    return stages.Partition(nnx.eval_shape(lambda: Rack(cfg.model, nnx.Rngs(0))),
-                            stages.plan_stage(cfg, stage)).split(params)[0]
 
 
 def _accumulate(meta, seg_start: float, seg_tokens: int):

@@ -217,7 +217,7 @@ def test_check_space_refuses(tmp_path, monkeypatch, capsys):
     msg = str(e.value)
     assert directory in msg and str(10 * 2**20) in msg and "cache_dtype='fp8'" in msg
     assert "cache_views" in msg and "another disk" in msg
-    assert f"activation cache: 1000 rows" in capsys.readouterr().out
+    assert "activation cache: 1000 rows" in capsys.readouterr().out
     with pytest.raises(UserError):  # the writer checks before it writes anything
         cs.CacheWriter(directory, spec)
     assert not os.path.exists(directory + ".partial")

@@ -170,6 +170,7 @@ def test_bad_input_stops_with_a_message_naming_the_key(tmp_path, override, needl
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().startswith("error:")
+    assert not wd.exists()  # nothing written for a run that cannot start
 
 
 def test_workdir_of_another_config_is_refused_and_left_untouched(corpus_dir, tmp_path):
