@@ -32,7 +32,7 @@ from stackwise_jax.errors import UserError
 def _finished_params_dir(workdir: str, cfg, allow_unfinished: bool) -> str:
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise UserError(f"'{workdir}' has no checkpoint yet; train first")
-    ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
+    ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep, create=False)
     try:
         step = ckpt.latest_step()
         if step is None:

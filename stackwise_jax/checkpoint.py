@@ -62,11 +62,10 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
     return cfg
 
 
-def claim_workdir(workdir: str, cfg) -> bool:
-    """Checks that `workdir` is new or holds a run of this exact config; records the config.
+def check_workdir(workdir: str, cfg) -> bool:
+    """True when `workdir` holds a run of this exact config, False when it is new or empty.
 
-    Returns True when the directory already held this run (a resume). Raises UserError,
-    touching nothing, when it holds a different config.
+    Raises UserError, writing nothing, when it holds a different config or other files.
     """
     path = os.path.join(workdir, "config.json")
     if os.path.exists(path):
@@ -83,7 +82,14 @@ def claim_workdir(workdir: str, cfg) -> bool:
     if os.path.isdir(workdir) and os.listdir(workdir):
         raise UserError(f"--workdir={workdir} exists, is not empty and holds no StackWise run "
                         "(no config.json); choose an empty or new directory")
-    atomic_write_text(path, config_lib.to_json(cfg))
+    return False
+
+
+def claim_workdir(workdir: str, cfg) -> bool:
+    """check_workdir, then records the config of a new run. True for a resume."""
+    if check_workdir(workdir, cfg):
+        return True
+    atomic_write_text(os.path.join(workdir, "config.json"), config_lib.to_json(cfg))
     return False
 
 

@@ -175,7 +175,8 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
     rebuild_cache: regenerate the activation cache of the stage the run resumes in.
     """
     config_lib.validate(cfg)
-    data.corpus_files(cfg.data)  # a bad glob fails here, before the workdir is touched
+    checkpoint.check_workdir(workdir, cfg)  # a foreign workdir is refused first, untouched
+    data.corpus_files(cfg.data)  # a bad glob fails before anything is written
     checkpoint.claim_workdir(workdir, cfg)
     summary_path = os.path.join(workdir, "summary.json")
     if os.path.exists(summary_path):

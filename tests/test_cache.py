@@ -27,8 +27,12 @@ def trained_params(cfg, seed=0):
     return nnx.to_pure_dict(nnx.state(Rack(cfg.model, nnx.Rngs(seed)), nnx.Param))
 
 
-@pytest.mark.parametrize("dtype,tol", [("fp32", 0.0), ("bf16", 2e-2), ("fp8", 1e-1)])
-def test_cached_loss_and_grads_equal_recomputing_the_trunk(corpus_dir, tmp_path, dtype, tol):
+# Tolerances: relative loss error; max gradient error over max |gradient|, per leaf.
+# Measured 2026-11-24: bf16 7.5e-7 and 1.1e-2, fp8 2.6e-5 and 0.20 (docs/cache.md).
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", [("fp32", 0.0, 0.0), ("bf16", 1e-4, 5e-2),
+                                                     ("fp8", 1e-3, 0.5)])
+def test_cached_loss_and_grads_equal_recomputing_the_trunk(corpus_dir, tmp_path, dtype, loss_tol,
+                                                           grad_tol):
     cfg = cached_cfg(corpus_dir, **{"training.progressive.cache_dtype": dtype})
     params = trained_params(cfg)
     rows = np.random.default_rng(0).integers(2, 300, size=(8, cfg.data.seq_len)).astype(np.int32)
@@ -55,14 +59,12 @@ def test_cached_loss_and_grads_equal_recomputing_the_trunk(corpus_dir, tmp_path,
 
     loss_r, grads_r = jax.value_and_grad(recompute_loss)(r_train, r_frozen)
     grads_r = cache.to_one_stack(grads_r, k)
-    if tol == 0.0:
-        assert float(loss_c) == float(loss_r)
-    np.testing.assert_allclose(loss_c, loss_r, rtol=tol, atol=0)
-    for (path, g_c), g_r in zip(jax.tree_util.tree_flatten_with_path(grads_c)[0],
-                                jax.tree.leaves(grads_r)):
-        scale = float(jnp.abs(g_r).max()) + 1e-12
-        err = float(jnp.abs(g_c - g_r).max()) / scale
-        assert err <= max(tol, 1e-6) * (10 if dtype != "fp32" else 1), (path, err)
+    assert abs(float(loss_c) - float(loss_r)) <= loss_tol * abs(float(loss_r))
+    flat_c = jax.tree_util.tree_flatten_with_path(grads_c)[0]
+    assert len(flat_c) == len(jax.tree.leaves(grads_r))
+    for (path, g_c), g_r in zip(flat_c, jax.tree.leaves(grads_r)):
+        err = float(jnp.abs(g_c - g_r).max()) / (float(jnp.abs(g_r).max()) + 1e-30)
+        assert err <= grad_tol, (path, err)
 
 
 def test_cached_run_compiles_the_step_once_and_keeps_one_cache(corpus_dir, tmp_path):
