@@ -207,7 +207,7 @@ def build(cfg, workdir: str, stage: int, rack: Rack, train_rows, mask_id: int,
                               **_encode(hidden, p.cache_dtype)})
     if not p.keep_previous_cache and os.path.isdir(previous):
         cache_store.delete_cache(previous)
-    return cache_store.open_cache(target, verify=False, expect=spec)
+    return cache_store.open_cache(target, verify=True, expect=spec)
 
 
 def _is_complete(directory: str, spec) -> bool:
