@@ -127,10 +127,10 @@ def make_cached_loss_fn(cfg, partition: stages.Partition):
     def loss_fn(trainable, frozen, batch, key):
         del key
         rack = partition.rack(stages.cast_floats(trainable, dtype), stages.cast_floats(frozen, dtype))
-        hidden_BxLxD = batch["hidden"].astype(dtype)
-        logits_BxLxV = rack.logits(rack.run_stacks(hidden_BxLxD, 0, 1, "bidirectional"))
-        return objective.masked_diffusion_loss(logits_BxLxV, batch["targets"], batch["masked"],
-                                               batch["t"], weighting)
+        hidden_BxLxD = rack.run_stacks(batch["hidden"].astype(dtype), 0, 1, "bidirectional")
+        return objective.masked_diffusion_loss_from_hidden(
+            hidden_BxLxD, rack.logits, batch["targets"], batch["masked"], batch["t"], weighting,
+            cfg.training.loss_chunk_size)
 
     return loss_fn
 

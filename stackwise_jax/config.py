@@ -24,6 +24,7 @@ MASK_DIRECTIONS = ("increasing", "decreasing")
 LOSS_WEIGHTINGS = ("mean", "inv_t")
 TRUNK_STRATEGIES = ("frozen", "trainable")
 PRECISIONS = ("fp32", "bf16")
+REMAT_POLICIES = ("none", "full", "save_dots")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -40,6 +41,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.norm_eps = 1e-5
     c.model.tie_embeddings = False
     c.model.init_std = 0.02
+    c.model.remat = "none"  # what a block keeps for backward: none, full, save_dots
     c.model.architecture = ml_collections.ConfigDict()
     c.model.architecture.n_stacks = 4
     c.model.architecture.blocks_per_stack = 1
@@ -65,6 +67,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.training.mask_schedule_type = "uniform"
     c.training.mask_schedule_direction = "increasing"
     c.training.loss_weighting = "mean"
+    c.training.loss_chunk_size = 0  # >0: logits and loss this many positions at a time
     c.training.train_embedding = "first_stage"
     c.training.train_final_norm = "every_stage"
     c.training.train_head = "every_stage"
@@ -236,6 +239,10 @@ def validate(cfg) -> None:
         raise UserError(f"data.tokenizer='{d.tokenizer}': no such file; use 'bpe' to train "
                         "one, or a path to a tokenizer.json or SentencePiece .model")
 
+    _enum(m.remat, "model.remat", REMAT_POLICIES)
+    if t.loss_chunk_size < 0 or (t.loss_chunk_size and d.seq_len % t.loss_chunk_size):
+        raise UserError(f"training.loss_chunk_size={t.loss_chunk_size} must be 0 (off) or divide "
+                        f"data.seq_len={d.seq_len}")
     _enum(t.objective, "training.objective", OBJECTIVES)
     _enum(t.mask_schedule_type, "training.mask_schedule_type", MASK_SCHEDULES)
     _enum(t.mask_schedule_direction, "training.mask_schedule_direction", MASK_DIRECTIONS)

@@ -109,10 +109,18 @@ class Block(nnx.Module):
         return x_BxLxD + self.mlp(self.post_attention_norm(x_BxLxD))
 
 
+# What a block keeps for the backward pass. none: everything (fastest, most memory); full:
+# only the block's input (recompute the whole block); save_dots: the outputs of weight
+# matmuls (projections), recomputing attention scores and elementwise work.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 class Stack(nnx.Module):
     """blocks_per_stack Blocks, parameters stacked on a leading axis, applied with scan."""
 
     def __init__(self, m, rngs: nnx.Rngs):
+        self.remat = m.remat
         @nnx.split_rngs(splits=m.architecture.blocks_per_stack)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(rngs):
@@ -126,6 +134,8 @@ class Stack(nnx.Module):
         def one_block(x, block_state):
             return nnx.merge(graphdef, block_state)(x, cos_LxE, sin_LxE, causal), None
 
+        if self.remat != "none":
+            one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[self.remat])
         x_BxLxD, _ = jax.lax.scan(one_block, x_BxLxD, blocks_state)
         return x_BxLxD
 

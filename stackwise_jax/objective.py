@@ -62,3 +62,55 @@ def masked_diffusion_loss(logits_BxLxV, targets_BxL, masked_BxL, t_B, weighting:
 def causal_loss(logits_BxLxV, ids_BxL):
     """Next-token cross-entropy: position i predicts token i+1."""
     return token_cross_entropy(logits_BxLxV[:, :-1], ids_BxL[:, 1:]).mean()
+
+
+# ---------------------------------------------------------------- losses from hidden states
+
+
+def ce_sums(hidden_BxLxD, logits_fn, targets_BxL, valid_BxL, chunk: int):
+    """Per-sequence sums of cross-entropy over valid positions, (B,).
+
+    chunk=0 computes logits_fn on the whole sequence. chunk=C scans over L/C chunks of C
+    positions and recomputes each chunk's logits in the backward pass (jax.checkpoint), so
+    the largest logits tensor ever live is (B, C, V), not (B, L, V): with a 128k vocabulary
+    that is the difference between megabytes and gigabytes.
+    """
+    def chunk_sums(h_BxCxD, targets_BxC, valid_BxC):
+        ce_BxC = token_cross_entropy(logits_fn(h_BxCxD), targets_BxC)
+        return jnp.where(valid_BxC, ce_BxC, 0.0).sum(axis=1)
+
+    if chunk == 0:
+        return chunk_sums(hidden_BxLxD, targets_BxL, valid_BxL)
+    B, L, D = hidden_BxLxD.shape
+    n = L // chunk
+
+    def by_chunk(x):  # (B, L, ...) -> (n, B, chunk, ...)
+        return jnp.moveaxis(x.reshape((B, n, chunk) + x.shape[2:]), 1, 0)
+
+    checkpointed = jax.checkpoint(chunk_sums)
+
+    def body(sums_B, xs):
+        return sums_B + checkpointed(*xs), None
+
+    sums_B, _ = jax.lax.scan(body, jnp.zeros((B,), jnp.float32),
+                             (by_chunk(hidden_BxLxD), by_chunk(targets_BxL), by_chunk(valid_BxL)))
+    return sums_B
+
+
+def masked_diffusion_loss_from_hidden(hidden_BxLxD, logits_fn, targets_BxL, masked_BxL, t_B,
+                                      weighting: str, chunk: int = 0):
+    """masked_diffusion_loss(logits_fn(hidden), ...), optionally chunked over positions."""
+    sums_B = ce_sums(hidden_BxLxD, logits_fn, targets_BxL, masked_BxL, chunk)
+    if weighting == "mean":
+        return sums_B.sum() / jnp.maximum(masked_BxL.sum(), 1)
+    if weighting == "inv_t":
+        return jnp.mean(sums_B / (t_B * targets_BxL.shape[1]))
+    raise ValueError(f"loss weighting {weighting!r}: choose 'mean' or 'inv_t'")
+
+
+def causal_loss_from_hidden(hidden_BxLxD, logits_fn, ids_BxL, chunk: int = 0):
+    """causal_loss(logits_fn(hidden), ids): position i predicts i+1; the last predicts nothing."""
+    B, L = ids_BxL.shape
+    targets_BxL = jnp.roll(ids_BxL, -1, axis=1)
+    valid_BxL = jnp.broadcast_to(jnp.arange(L) < L - 1, (B, L))
+    return ce_sums(hidden_BxLxD, logits_fn, targets_BxL, valid_BxL, chunk).sum() / (B * (L - 1))

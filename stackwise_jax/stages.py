@@ -138,7 +138,3 @@ def stage_hidden(rack: Rack, ids_BxL, plan: StagePlan, mode: str):
     if plan.first_trainable_stack > 0 and plan.trunk_is_frozen:
         x_BxLxD = jax.lax.stop_gradient(x_BxLxD)
     return rack.run_stacks(x_BxLxD, plan.first_trainable_stack, plan.n_stacks_run, mode)
-
-
-def stage_logits(rack: Rack, ids_BxL, plan: StagePlan, mode: str):
-    return rack.logits(stage_hidden(rack, ids_BxL, plan, mode))

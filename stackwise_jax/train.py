@@ -49,12 +49,14 @@ def make_loss_fn(cfg, partition: stages.Partition, mask_range, mask_id: int):
     def loss_fn(trainable, frozen, ids_BxL, key):
         # Master weights stay float32; the forward pass runs in the compute dtype.
         rack = partition.rack(stages.cast_floats(trainable, dtype), stages.cast_floats(frozen, dtype))
+        chunk = t_cfg.loss_chunk_size
         if t_cfg.objective == "causal":
-            return objective.causal_loss(stages.stage_logits(rack, ids_BxL, plan, "causal"), ids_BxL)
+            hidden_BxLxD = stages.stage_hidden(rack, ids_BxL, plan, "causal")
+            return objective.causal_loss_from_hidden(hidden_BxLxD, rack.logits, ids_BxL, chunk)
         inputs_BxL, masked_BxL, t_B = objective.sample_mask(key, ids_BxL, *mask_range, mask_id)
-        logits_BxLxV = stages.stage_logits(rack, inputs_BxL, plan, "bidirectional")
-        return objective.masked_diffusion_loss(logits_BxLxV, ids_BxL, masked_BxL, t_B,
-                                               t_cfg.loss_weighting)
+        hidden_BxLxD = stages.stage_hidden(rack, inputs_BxL, plan, "bidirectional")
+        return objective.masked_diffusion_loss_from_hidden(
+            hidden_BxLxD, rack.logits, ids_BxL, masked_BxL, t_B, t_cfg.loss_weighting, chunk)
 
     return loss_fn
 

@@ -51,11 +51,11 @@ def test_cached_loss_and_grads_equal_recomputing_the_trunk(corpus_dir, tmp_path,
     part = stages.Partition(nnx.eval_shape(lambda: Rack(cfg.model, nnx.Rngs(0))), plan)
     r_train, r_frozen = part.split(params)
 
-    def recompute_loss(trainable, frozen):
-        logits = stages.stage_logits(part.rack(trainable, frozen), batch["inputs"], plan,
-                                     "bidirectional")
-        return objective.masked_diffusion_loss(logits, batch["targets"], batch["masked"],
-                                               batch["t"], "mean")
+    def recompute_loss(trainable, frozen):  # the training loss, trunk run on the inputs
+        rack = part.rack(trainable, frozen)
+        hidden = stages.stage_hidden(rack, batch["inputs"], plan, "bidirectional")
+        return objective.masked_diffusion_loss_from_hidden(
+            hidden, rack.logits, batch["targets"], batch["masked"], batch["t"], "mean")
 
     loss_r, grads_r = jax.value_and_grad(recompute_loss)(r_train, r_frozen)
     grads_r = cache.to_one_stack(grads_r, k)
