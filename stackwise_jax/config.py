@@ -24,6 +24,7 @@ MASK_DIRECTIONS = ("increasing", "decreasing")
 LOSS_WEIGHTINGS = ("mean", "inv_t")
 TRUNK_STRATEGIES = ("frozen", "trainable")
 PRECISIONS = ("fp32", "bf16")
+FROZEN_PRECISIONS = ("fp32", "bf16", "fp8", "nf4")  # fp8: e4m3 per channel; nf4: QLoRA's
 REMAT_POLICIES = ("none", "full", "save_dots")
 
 
@@ -77,6 +78,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.training.progressive.enabled = True
     c.training.progressive.trunk_strategy = "frozen"
     c.training.progressive.new_stack_precision = "fp32"
+    c.training.progressive.frozen_precision = "fp32"  # storage of frozen stacks: fp32, bf16, fp8, nf4
     c.training.progressive.cache_activations = False
     c.training.progressive.cache_dtype = "bf16"  # fp32, bf16 or fp8 (e4m3, per-token scales)
     c.training.progressive.cache_views = 1  # mask samples stored per training sequence
@@ -252,6 +254,7 @@ def validate(cfg) -> None:
     p = t.progressive
     _enum(p.trunk_strategy, "training.progressive.trunk_strategy", TRUNK_STRATEGIES)
     _enum(p.new_stack_precision, "training.progressive.new_stack_precision", PRECISIONS)
+    _enum(p.frozen_precision, "training.progressive.frozen_precision", FROZEN_PRECISIONS)
     lo, hi = t.min_mask_fraction, t.max_mask_fraction
     for key, v in (("min_mask_fraction", lo), ("max_mask_fraction", hi)):
         if not 0.0 < v <= 1.0:

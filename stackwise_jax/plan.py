@@ -26,7 +26,6 @@ from stackwise_jax import config as config_lib
 from stackwise_jax.errors import UserError
 from stackwise_jax.model import Rack
 
-STORAGE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -108,9 +107,10 @@ def plan(cfg, budget: int) -> dict:
     mask_range = objective.stage_mask_range(cfg.training, stage, cfg.model.architecture.n_stacks)
     step = train.make_train_step(train.make_loss_fn(cfg, part, mask_range, 0), tx)
     batch = jax.ShapeDtypeStruct((B, L), jnp.int32)
-    for storage, dtype in STORAGE_DTYPES.items():
+    for storage in config_lib.FROZEN_PRECISIONS:
+        stored = jax.eval_shape(lambda f: stages.store_frozen(f, storage), _abstract(frozen))
         rows.append(_analyze(f"stage {stage}, frozen trunk resident in {storage}", step,
-                             trainable, _abstract(frozen, dtype), jax.eval_shape(tx.init, trainable),
+                             trainable, stored, jax.eval_shape(tx.init, trainable),
                              batch, model_flops_per_token(cfg, stage_plan, True), budget))
 
     return {"device_memory_bytes": budget, "batch_size": B, "seq_len": L, "phases": rows,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stackwise_jax import config as config_lib
+from stackwise_jax import quant
 from stackwise_jax.model import Rack
 
 
@@ -28,6 +29,19 @@ COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 def compute_dtype(cfg):
     """The dtype the trained stack computes in; its master weights stay float32."""
     return COMPUTE_DTYPES[cfg.training.progressive.new_stack_precision]
+
+
+def store_frozen(frozen: dict, fmt: str) -> dict:
+    """The frozen stacks' kernels in their storage format (quant.py), quantised once per
+    stage; embedding, norms and head are left as they are. fp32 stores them unchanged."""
+    if fmt == "fp32" or "stacks" not in frozen:
+        return frozen
+    return {**frozen, "stacks": {k: quant.quantize_tree(v, fmt) for k, v in frozen["stacks"].items()}}
+
+
+def dense_frozen(frozen: dict, dtype) -> dict:
+    """Dequantises stored frozen stacks inside the forward pass (a no-op for dense leaves)."""
+    return cast_floats(quant.dequantize_tree(frozen, dtype), dtype)
 
 
 def cast_floats(tree, dtype):

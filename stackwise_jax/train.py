@@ -48,7 +48,7 @@ def make_loss_fn(cfg, partition: stages.Partition, mask_range, mask_id: int):
 
     def loss_fn(trainable, frozen, ids_BxL, key):
         # Master weights stay float32; the forward pass runs in the compute dtype.
-        rack = partition.rack(stages.cast_floats(trainable, dtype), stages.cast_floats(frozen, dtype))
+        rack = partition.rack(stages.cast_floats(trainable, dtype), stages.dense_frozen(frozen, dtype))
         chunk = t_cfg.loss_chunk_size
         if t_cfg.objective == "causal":
             hidden_BxLxD = stages.stage_hidden(rack, ids_BxL, plan, "causal")
@@ -153,6 +153,7 @@ class Trainer:
             mask_range = objective.stage_mask_range(cfg.training, stage,
                                                     cfg.model.architecture.n_stacks)
             step = make_train_step(make_loss_fn(cfg, partition, mask_range, mask_id), self.tx)
+            frozen = stages.store_frozen(frozen, cfg.training.progressive.frozen_precision)
             return StageRunner(trainable, frozen, step, self.token_batches,
                                lambda full, tr: stages.merge_trees(full, tr), "tokens")
         start = time.perf_counter()

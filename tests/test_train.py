@@ -198,3 +198,21 @@ def test_dry_run_of_70b_reports_parameters_without_allocating():
     assert "70,553,706,496" in r.stdout
     maxrss_gb = int(r.stdout.split("maxrss_kb")[1]) / 2**20
     assert maxrss_gb < 3, maxrss_gb  # 70B float32 weights would be 282 GB
+
+
+def test_quantised_frozen_trunk_is_used_and_masters_stay_intact(corpus_dir, tmp_path):
+    losses = {}
+    for fmt in ("fp32", "nf4"):
+        cfg = small_config(corpus_dir, **{"training.progressive.frozen_precision": fmt})
+        wd = str(tmp_path / fmt)
+        train.run(cfg, wd, max_steps=cfg.training.steps_per_stage, progress=False)
+        after_stage0 = params_of(wd)
+        train.run(cfg, wd, progress=False)
+        final = params_of(wd)
+        for path, value in leaves(after_stage0["stacks"][0]).items():
+            assert np.array_equal(leaves(final["stacks"][0])[path], value), path  # fp32 masters
+        lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+        losses[fmt] = [l["loss"] for l in lines if l["stage"] == 1]
+    # Stage 1 runs stack 0 from nf4 storage: different numbers, same ballpark.
+    assert losses["fp32"] != losses["nf4"]
+    np.testing.assert_allclose(losses["nf4"], losses["fp32"], rtol=0.1)

@@ -1,0 +1,58 @@
+"""Held-out loss of a trained run with its frozen trunk stored in fp32, bf16, fp8 or nf4.
+
+The trunk is every stack but the last (what the last stage keeps frozen); it is quantised
+as training stores it (stackwise_jax.stages.store_frozen), dequantised, and the whole Rack
+is scored on the run's held-out text at fixed mask ratios.
+
+    python scripts/eval_frozen_precision.py --workdir=runs/tiny_progressive
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax.numpy as jnp
+from absl import logging
+from flax import nnx
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True, help="a finished run directory")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    logging.set_verbosity(logging.WARNING)
+
+    from stackwise_jax import data, evaluate, stages
+    from stackwise_jax.config import FROZEN_PRECISIONS
+    from stackwise_jax.run import load_run, rack_from_params
+
+    loaded = load_run(args.workdir, require_finished=True)
+    cfg = loaded.config
+    prepared = data.prepare(cfg, args.workdir)  # reuses the run's tokenizer
+    heldout = data.heldout_batches(prepared.heldout_rows, cfg.data.batch_size, cfg.eval.batches)
+    params = nnx.to_pure_dict(nnx.state(loaded.rack, nnx.Param))
+    n = cfg.model.architecture.n_stacks
+    trunk = {"stacks": {k: params["stacks"][k] for k in range(n - 1)}}
+
+    results = {}
+    for fmt in FROZEN_PRECISIONS:
+        dense = stages.dense_frozen(stages.store_frozen(trunk, fmt), jnp.float32)
+        rack = rack_from_params(cfg.model, stages.merge_trees(params, dense))
+        results[fmt] = {str(t): evaluate.masked_diffusion_loss(rack, heldout, t, loaded.tokenizer.mask_id)
+                        for t in cfg.eval.mask_ratios}
+    ratios = list(results["fp32"])
+    print(f"trunk = stacks 0..{n - 2} of {n}; held-out masked-diffusion loss (nats/token)")
+    print("| trunk storage | " + " | ".join(f"t = {t}" for t in ratios) + " | vs bf16 |")
+    print("|---|" + "---|" * (len(ratios) + 1))
+    for fmt, losses in results.items():
+        diff = ", ".join(f"{losses[t] - results['bf16'][t]:+.4f}" for t in ratios)
+        print(f"| {fmt} | " + " | ".join(f"{losses[t]:.4f}" for t in ratios) + f" | {diff} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
