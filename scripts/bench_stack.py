@@ -265,7 +265,7 @@ def _fmt(x, spec, none="n/a"):
     return none if x is None else format(x, spec)
 
 
-def table(rows: list[dict], info: dict) -> str:
+def table(rows: list[dict], info: dict, args) -> str:
     cpu = info["backend"] == "cpu"
     extra = " host RSS above start GiB |" if cpu else " XLA est. here GiB |"
     lines = [
@@ -290,10 +290,9 @@ def table(rows: list[dict], info: dict) -> str:
             line += f"{r['xla_estimate_here']['total_bytes'] / GIB:.2f} | "
         line += f"{_fmt(pl.get('total_bytes') and pl['total_bytes'] / GIB, '.2f')} |"
         lines.append(line)
-    r0 = next((r for r in rows if "error" not in r), None)
     notes = [f"device: {info['device_kind']} ({info['backend']}), jax {info['jax']}; "
-             f"compute {r0['precision'] if r0 else '?'}, remat {r0['remat'] if r0 else '?'}, "
-             f"loss_chunk_size {r0['loss_chunk_size'] if r0 else '?'}",
+             f"compute {args.precision}, remat {args.remat}, "
+             f"loss_chunk_size {args.loss_chunk_size}",
              f"MFU peak: {_fmt(info['peak_tflops'], '.3g')} TFLOP/s ({info['peak_source']})"]
     if "cpu_fp32_matmul_tflops" in info:
         notes.append(f"(fp32 2048^3 matmul on this CPU: {info['cpu_fp32_matmul_tflops']:.3g} TFLOP/s)")
@@ -366,6 +365,8 @@ def main(argv=None):
             json.dump(row, f)
         return 0
 
+    for n in args.shape.split(",") if args.shape else ():
+        shape_of(n, args)  # unknown names fail before anything runs
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the 70B step needs most of an H100
     with tempfile.TemporaryDirectory(prefix="bench_stack_") as tmp:
@@ -382,8 +383,6 @@ def main(argv=None):
         if args.steps is None:
             args.steps = 3 if info["backend"] == "cpu" else 10
         names = (args.shape or ("small" if info["backend"] == "cpu" else "70b")).split(",")
-        for n in names:
-            shape_of(n, args)  # unknown names fail before anything runs
         rows = []
         for n in names:
             path = os.path.join(tmp, f"{n}.json")
@@ -402,7 +401,7 @@ def main(argv=None):
                   f"({row['wall_s']:.0f} s wall)" if "error" not in row else f"    {n}: {row['error']}",
                   flush=True)
 
-    text = table(rows, info)
+    text = table(rows, info, args)
     print(text)
     if args.out:
         out = {"date": time.strftime("%Y-%m-%d"), "command": " ".join([sys.argv[0]] + argv),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
@@ -38,8 +37,8 @@ def main():
 
     results = {}
     for fmt in FROZEN_PRECISIONS:
-        dense = stages.dense_frozen(stages.store_frozen(trunk, fmt), jnp.float32)
-        rack = rack_from_params(cfg.model, stages.merge_trees(params, dense))
+        stored = stages.store_frozen(trunk, fmt)  # converted block by block in the forward
+        rack = rack_from_params(cfg.model, stages.merge_trees(params, stored))
         results[fmt] = {str(t): evaluate.masked_diffusion_loss(rack, heldout, t, loaded.tokenizer.mask_id)
                         for t in cfg.eval.mask_ratios}
     ratios = list(results["fp32"])

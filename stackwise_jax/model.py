@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stackwise_jax import quant
+
 ATTENTION_MODES = ("bidirectional", "causal")
 
 
@@ -116,6 +118,18 @@ REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable
                   "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
+def _dense_block(block_state, dtype):
+    """One block's parameters in the compute dtype. Stored frozen weights (fp32, bf16 or a
+    quant.QTensor) are converted here, inside the scan iteration, so one dense block is
+    live at a time: converted outside the loop, XLA would keep every frozen layer dense."""
+    def dense(v):
+        if isinstance(v, quant.QTensor):
+            return quant.dequantize(v, dtype)
+        return v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
+
+    return jax.tree.map(dense, block_state, is_leaf=lambda v: isinstance(v, quant.QTensor))
+
+
 class Stack(nnx.Module):
     """blocks_per_stack Blocks, parameters stacked on a leading axis, applied with scan."""
 
@@ -132,7 +146,8 @@ class Stack(nnx.Module):
         graphdef, blocks_state = nnx.split(self.blocks)
 
         def one_block(x, block_state):
-            return nnx.merge(graphdef, block_state)(x, cos_LxE, sin_LxE, causal), None
+            block = nnx.merge(graphdef, _dense_block(block_state, x.dtype))
+            return block(x, cos_LxE, sin_LxE, causal), None
 
         if self.remat != "none":
             one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[self.remat])

@@ -39,9 +39,13 @@ def store_frozen(frozen: dict, fmt: str) -> dict:
     return {**frozen, "stacks": {k: quant.quantize_tree(v, fmt) for k, v in frozen["stacks"].items()}}
 
 
-def dense_frozen(frozen: dict, dtype) -> dict:
-    """Dequantises stored frozen stacks inside the forward pass (a no-op for dense leaves)."""
-    return cast_floats(quant.dequantize_tree(frozen, dtype), dtype)
+def frozen_for_forward(frozen: dict, dtype) -> dict:
+    """Frozen embedding, norm and head cast to the compute dtype. Frozen stacks stay as
+    stored: model.Stack converts each block inside its scan iteration."""
+    out = cast_floats({k: v for k, v in frozen.items() if k != "stacks"}, dtype)
+    if "stacks" in frozen:
+        out["stacks"] = frozen["stacks"]
+    return out
 
 
 def cast_floats(tree, dtype):

@@ -48,7 +48,7 @@ def make_loss_fn(cfg, partition: stages.Partition, mask_range, mask_id: int):
 
     def loss_fn(trainable, frozen, ids_BxL, key):
         # Master weights stay float32; the forward pass runs in the compute dtype.
-        rack = partition.rack(stages.cast_floats(trainable, dtype), stages.dense_frozen(frozen, dtype))
+        rack = partition.rack(stages.cast_floats(trainable, dtype), stages.frozen_for_forward(frozen, dtype))
         chunk = t_cfg.loss_chunk_size
         if t_cfg.objective == "causal":
             hidden_BxLxD = stages.stage_hidden(rack, ids_BxL, plan, "causal")
