@@ -45,11 +45,6 @@ def validate(cfg) -> None:
                         "were computed with it")
     if t.objective != "masked_diffusion":
         raise UserError(f"{need} training.objective='masked_diffusion'")
-    if p.cache_dtype not in cache_store.DTYPES:
-        raise UserError(f"training.progressive.cache_dtype={p.cache_dtype!r} is not allowed; "
-                        f"choose one of {', '.join(cache_store.DTYPES)}")
-    if not isinstance(p.cache_views, int) or p.cache_views < 1:
-        raise UserError(f"training.progressive.cache_views={p.cache_views!r} must be a positive integer")
 
 
 def cache_dir(workdir: str, stage: int) -> str:
@@ -126,7 +121,8 @@ def make_cached_loss_fn(cfg, partition: stages.Partition):
 
     def loss_fn(trainable, frozen, batch, key):
         del key
-        rack = partition.rack(stages.cast_floats(trainable, dtype), stages.cast_floats(frozen, dtype))
+        rack = partition.rack(stages.cast_floats(trainable, dtype),
+                              stages.frozen_for_forward(frozen, dtype))
         hidden_BxLxD = rack.run_stacks(batch["hidden"].astype(dtype), 0, 1, "bidirectional")
         return objective.masked_diffusion_loss_from_hidden(
             hidden_BxLxD, rack.logits, batch["targets"], batch["masked"], batch["t"], weighting,
@@ -212,8 +208,7 @@ def build(cfg, workdir: str, stage: int, rack: Rack, train_rows, mask_id: int,
 
 def _is_complete(directory: str, spec) -> bool:
     try:
-        cache_store.open_cache(directory, verify=False,
-                               expect=spec)
+        cache_store.open_cache(directory, verify=False, expect=spec)
         return True
     except (UserError, ValueError):
         return False

@@ -36,9 +36,10 @@ import numpy as np
 from tqdm import tqdm
 
 from stackwise_jax.checkpoint import atomic_write_text
+from stackwise_jax.config import CACHE_DTYPES
 from stackwise_jax.errors import UserError
 
-DTYPES = ("fp32", "bf16", "fp8")
+DTYPES = CACHE_DTYPES  # the one list, in config.py
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn

@@ -24,6 +24,7 @@ MASK_DIRECTIONS = ("increasing", "decreasing")
 LOSS_WEIGHTINGS = ("mean", "inv_t")
 TRUNK_STRATEGIES = ("frozen", "trainable")
 PRECISIONS = ("fp32", "bf16")
+CACHE_DTYPES = ("fp32", "bf16", "fp8")  # fp8: e4m3 with per-token scales
 FROZEN_PRECISIONS = ("fp32", "bf16", "fp8", "nf4")  # fp8: e4m3 per channel; nf4: QLoRA's
 REMAT_POLICIES = ("none", "full", "save_dots")
 
@@ -255,6 +256,8 @@ def validate(cfg) -> None:
     _enum(p.trunk_strategy, "training.progressive.trunk_strategy", TRUNK_STRATEGIES)
     _enum(p.new_stack_precision, "training.progressive.new_stack_precision", PRECISIONS)
     _enum(p.frozen_precision, "training.progressive.frozen_precision", FROZEN_PRECISIONS)
+    _enum(p.cache_dtype, "training.progressive.cache_dtype", CACHE_DTYPES)
+    _positive_int(p.cache_views, "training.progressive.cache_views")
     lo, hi = t.min_mask_fraction, t.max_mask_fraction
     for key, v in (("min_mask_fraction", lo), ("max_mask_fraction", hi)):
         if not 0.0 < v <= 1.0:

@@ -159,6 +159,7 @@ def cli(*args, cwd=ROOT):
     ("--config.model.d_modle=64", "model.d_modle"),
     ("--config.training.mask_schedule_type=exponential", "linear, cosine"),
     ("--config.data.files=/nonexistent/*.txt", "data.files"),
+    ("--config.training.progressive.cache_dtype=int4", "training.progressive.cache_dtype"),
 ])
 def test_bad_input_stops_with_a_message_naming_the_key(tmp_path, override, needle):
     if "min_mask_fraction=0.8" in override:
