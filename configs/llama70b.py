@@ -25,4 +25,10 @@ def get_config():
     c.training.warmup_steps = 100
     c.training.steps_per_stage = 1000
     c.training.progressive.new_stack_precision = "bf16"
+    # Memory levers that make one stage fit (docs/plan.md): scores 1024 queries at a time,
+    # logits 256 positions at a time, Adam moments in bf16, frozen trunk in nf4.
+    c.model.attention_chunk_size = 1024
+    c.training.loss_chunk_size = 256
+    c.training.optimizer_state_dtype = "bf16"
+    c.training.progressive.frozen_precision = "nf4"
     return c

@@ -1,7 +1,7 @@
 """Held-out loss of a trained run with its frozen trunk stored in fp32, bf16, fp8 or nf4.
 
 The trunk is every stack but the last (what the last stage keeps frozen); it is quantised
-as training stores it (stackwise_jax.stages.store_frozen), dequantised, and the whole Rack
+with the functions training stores it with (stackwise_jax.quant), dequantised, and the whole Rack
 is scored on the run's held-out text at fixed mask ratios.
 
     python scripts/eval_frozen_precision.py --workdir=runs/tiny_progressive
@@ -23,7 +23,9 @@ def main():
     args = ap.parse_args()
     logging.set_verbosity(logging.WARNING)
 
-    from stackwise_jax import data, evaluate, stages
+    import jax.numpy as jnp
+
+    from stackwise_jax import data, evaluate, quant, stages
     from stackwise_jax.config import FROZEN_PRECISIONS
     from stackwise_jax.run import load_run, rack_from_params
 
@@ -33,12 +35,17 @@ def main():
     heldout = data.heldout_batches(prepared.heldout_rows, cfg.data.batch_size, cfg.eval.batches)
     params = nnx.to_pure_dict(nnx.state(loaded.rack, nnx.Param))
     n = cfg.model.architecture.n_stacks
-    trunk = {"stacks": {k: params["stacks"][k] for k in range(n - 1)}}
+
+    def stored(fmt):  # what the frozen forward computes with: each kernel through its format
+        if fmt == "fp32":
+            return params
+        trunk = {k: quant.dequantize_tree(quant.quantize_tree(params["stacks"][k], fmt),
+                                          jnp.float32) for k in range(n - 1)}
+        return stages.merge_trees(params, {"stacks": trunk})
 
     results = {}
     for fmt in FROZEN_PRECISIONS:
-        stored = stages.store_frozen(trunk, fmt)  # converted block by block in the forward
-        rack = rack_from_params(cfg.model, stages.merge_trees(params, stored))
+        rack = rack_from_params(cfg.model, stored(fmt))
         results[fmt] = {str(t): evaluate.masked_diffusion_loss(rack, heldout, t, loaded.tokenizer.mask_id)
                         for t in cfg.eval.mask_ratios}
     ratios = list(results["fp32"])

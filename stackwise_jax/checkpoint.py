@@ -119,26 +119,33 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, global_step: int, params, meta: dict, data_state: dict, opt_state=None):
+    def save(self, global_step: int, params, meta: dict, data_state: dict, opt_state=None,
+             adapters=None):
+        """adapters: the LoRA adapters while fusion runs (params hold the unmerged Rack)."""
         items = dict(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta),
                      data=ocp.args.JsonSave(data_state))
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
+        if adapters is not None:
+            items["adapters"] = ocp.args.StandardSave(adapters)
         self.manager.save(global_step, args=ocp.args.Composite(**items), force=True)
         self.manager.wait_until_finished()  # a checkpoint counts only once complete
 
     def meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-    def restore(self, step: int, params_like, opt_state_like=None):
-        """Returns (params, data_state, opt_state or None) saved at `step`."""
+    def restore(self, step: int, params_like, opt_state_like=None, adapters_like=None):
+        """Returns (params, data_state, opt_state or None, adapters or None) saved at `step`."""
         items = dict(params=ocp.args.StandardRestore(_abstract(params_like)),
                      data=ocp.args.JsonRestore())
         if opt_state_like is not None:
             items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
+        if adapters_like is not None:
+            items["adapters"] = ocp.args.StandardRestore(_abstract(adapters_like))
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         opt = restored.opt_state if opt_state_like is not None else None
-        return restored.params, restored.data, opt
+        adapters = restored.adapters if adapters_like is not None else None
+        return restored.params, restored.data, opt, adapters
 
     def close(self):
         self.manager.close()

@@ -23,10 +23,11 @@ MASK_SCHEDULES = ("uniform", "linear", "cosine")
 MASK_DIRECTIONS = ("increasing", "decreasing")
 LOSS_WEIGHTINGS = ("mean", "inv_t")
 TRUNK_STRATEGIES = ("frozen", "trainable")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # fp16 trains with dynamic loss scaling
 CACHE_DTYPES = ("fp32", "bf16", "fp8")  # fp8: e4m3 with per-token scales
 FROZEN_PRECISIONS = ("fp32", "bf16", "fp8", "nf4")  # fp8: e4m3 per channel; nf4: QLoRA's
 REMAT_POLICIES = ("none", "full", "save_dots")
+OPTIMIZER_STATE_DTYPES = ("fp32", "bf16")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -44,6 +45,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.tie_embeddings = False
     c.model.init_std = 0.02
     c.model.remat = "none"  # what a block keeps for backward: none, full, save_dots
+    c.model.attention_chunk_size = 0  # >0: attention scores this many queries at a time
     c.model.architecture = ml_collections.ConfigDict()
     c.model.architecture.n_stacks = 4
     c.model.architecture.blocks_per_stack = 1
@@ -64,6 +66,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.training.warmup_steps = 20
     c.training.weight_decay = 0.1
     c.training.grad_clip_norm = 1.0
+    c.training.optimizer_state_dtype = "fp32"  # Adam moments: fp32 or bf16 (half the bytes)
     c.training.min_mask_fraction = 0.15
     c.training.max_mask_fraction = 0.90
     c.training.mask_schedule_type = "uniform"
@@ -84,6 +87,18 @@ def defaults() -> ml_collections.ConfigDict:
     c.training.progressive.cache_dtype = "bf16"  # fp32, bf16 or fp8 (e4m3, per-token scales)
     c.training.progressive.cache_views = 1  # mask samples stored per training sequence
     c.training.progressive.keep_previous_cache = False
+
+    # Fusion: a joint phase after all stages that trains QLoRA adapters on every stack
+    # (stackwise_jax/fusion.py), then merges them into the weights.
+    c.training.fusion = ml_collections.ConfigDict()
+    c.training.fusion.steps = 0  # 0: no fusion phase
+    c.training.fusion.objective = "masked_diffusion"  # or causal: adapt to causal inference
+    c.training.fusion.learning_rate = 1e-3
+    c.training.fusion.lora_rank = 8
+    c.training.fusion.lora_alpha = 16.0
+    c.training.fusion.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                      "up_proj", "down_proj")
+    c.training.fusion.base_precision = "nf4"  # storage of the frozen base: fp32, bf16, fp8, nf4
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 100
@@ -243,10 +258,15 @@ def validate(cfg) -> None:
                         "one, or a path to a tokenizer.json or SentencePiece .model")
 
     _enum(m.remat, "model.remat", REMAT_POLICIES)
+    c = m.attention_chunk_size
+    if not isinstance(c, int) or c < 0 or (c and d.seq_len % c):
+        raise UserError(f"model.attention_chunk_size={c!r} must be 0 (off) or divide "
+                        f"data.seq_len={d.seq_len}")
     if t.loss_chunk_size < 0 or (t.loss_chunk_size and d.seq_len % t.loss_chunk_size):
         raise UserError(f"training.loss_chunk_size={t.loss_chunk_size} must be 0 (off) or divide "
                         f"data.seq_len={d.seq_len}")
     _enum(t.objective, "training.objective", OBJECTIVES)
+    _enum(t.optimizer_state_dtype, "training.optimizer_state_dtype", OPTIMIZER_STATE_DTYPES)
     _enum(t.mask_schedule_type, "training.mask_schedule_type", MASK_SCHEDULES)
     _enum(t.mask_schedule_direction, "training.mask_schedule_direction", MASK_DIRECTIONS)
     _enum(t.loss_weighting, "training.loss_weighting", LOSS_WEIGHTINGS)
@@ -283,6 +303,19 @@ def validate(cfg) -> None:
     if t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip_norm < 0:
         raise UserError("training.warmup_steps, weight_decay and grad_clip_norm must be >= 0 "
                         "(grad_clip_norm=0 turns clipping off)")
+    f = t.fusion
+    if not isinstance(f.steps, int) or isinstance(f.steps, bool) or f.steps < 0:
+        raise UserError(f"training.fusion.steps={f.steps!r} must be an integer >= 0 (0: no fusion)")
+    _enum(f.objective, "training.fusion.objective", OBJECTIVES)
+    _enum(f.base_precision, "training.fusion.base_precision", FROZEN_PRECISIONS)
+    _positive_int(f.lora_rank, "training.fusion.lora_rank")
+    if not f.learning_rate > 0 or not f.lora_alpha > 0:
+        raise UserError("training.fusion.learning_rate and training.fusion.lora_alpha must be > 0")
+    from stackwise_jax.lora import PROJECTIONS
+    bad = [x for x in f.lora_targets if x not in PROJECTIONS]
+    if not f.lora_targets or bad:
+        raise UserError(f"training.fusion.lora_targets={tuple(f.lora_targets)!r}: choose one or "
+                        f"more of {', '.join(PROJECTIONS)}")
     _positive_int(cfg.checkpoint.every_steps, "checkpoint.every_steps")
     _positive_int(cfg.checkpoint.max_to_keep, "checkpoint.max_to_keep")
     _positive_int(cfg.eval.batches, "eval.batches")
@@ -292,6 +325,15 @@ def validate(cfg) -> None:
 
 def n_stages(cfg) -> int:
     return cfg.model.architecture.n_stacks if cfg.training.progressive.enabled else 1
+
+
+def n_phases(cfg) -> int:
+    """Stages, plus the fusion phase when training.fusion.steps > 0."""
+    return n_stages(cfg) + (1 if cfg.training.fusion.steps > 0 else 0)
+
+
+def steps_in_phase(cfg, phase: int) -> int:
+    return cfg.training.fusion.steps if phase == n_stages(cfg) else steps_in_stage(cfg)
 
 
 def steps_in_stage(cfg) -> int:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stackwise_jax import quant
+from stackwise_jax import lora, quant
 
 ATTENTION_MODES = ("bidirectional", "causal")
 
@@ -61,6 +61,7 @@ class Attention(nnx.Module):
     def __init__(self, m, rngs: nnx.Rngs):
         self.n_heads, self.n_kv_heads = m.n_heads, m.n_kv_heads
         self.head_dim = m.d_model // m.n_heads
+        self.chunk_size = m.attention_chunk_size  # queries per score block; 0: all at once
         self.q_proj = _linear(m.d_model, m.n_heads * self.head_dim, m.init_std, rngs)
         self.k_proj = _linear(m.d_model, m.n_kv_heads * self.head_dim, m.init_std, rngs)
         self.v_proj = _linear(m.d_model, m.n_kv_heads * self.head_dim, m.init_std, rngs)
@@ -69,20 +70,45 @@ class Attention(nnx.Module):
     def __call__(self, x_BxLxD, cos_LxE, sin_LxE, causal: bool):
         B, L, _ = x_BxLxD.shape
         H, K, E = self.n_heads, self.n_kv_heads, self.head_dim
-        G = H // K
         q_BxLxHxE = apply_rope(self.q_proj(x_BxLxD).reshape(B, L, H, E), cos_LxE, sin_LxE)
         k_BxLxKxE = apply_rope(self.k_proj(x_BxLxD).reshape(B, L, K, E), cos_LxE, sin_LxE)
         v_BxLxKxE = self.v_proj(x_BxLxD).reshape(B, L, K, E)
         # Query head h reads KV head h // G, as HF's repeat_kv does.
-        q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, G, E)
-        scores_BxKxGxLxL = jnp.einsum("blkge,bmke->bkglm", q_BxLxKxGxE, k_BxLxKxE)
-        scores_BxKxGxLxL = scores_BxKxGxLxL.astype(jnp.float32) / jnp.sqrt(jnp.float32(E))
-        if causal:
-            allowed_LxL = jnp.tril(jnp.ones((L, L), dtype=bool))
-            scores_BxKxGxLxL = jnp.where(allowed_LxL, scores_BxKxGxLxL, jnp.finfo(jnp.float32).min)
-        probs_BxKxGxLxL = jax.nn.softmax(scores_BxKxGxLxL, axis=-1).astype(v_BxLxKxE.dtype)
-        out_BxLxKxGxE = jnp.einsum("bkglm,bmke->blkge", probs_BxKxGxLxL, v_BxLxKxE)
+        q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, H // K, E)
+        C = self.chunk_size if 0 < self.chunk_size < L else L
+        if C == L:
+            out_BxLxKxGxE = _attend(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, 0, causal)
+        else:
+            out_BxLxKxGxE = _attend_chunked(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, C, causal)
         return self.o_proj(out_BxLxKxGxE.reshape(B, L, H * E))
+
+
+def _attend(q_BxCxKxGxE, k_BxLxKxE, v_BxLxKxE, q_offset, causal: bool):
+    """Softmax attention of C queries (starting at position q_offset) over all L keys."""
+    C, L, E = q_BxCxKxGxE.shape[1], k_BxLxKxE.shape[1], q_BxCxKxGxE.shape[-1]
+    scores_BxKxGxCxL = jnp.einsum("bckge,blke->bkgcl", q_BxCxKxGxE, k_BxLxKxE)
+    scores_BxKxGxCxL = scores_BxKxGxCxL.astype(jnp.float32) / jnp.sqrt(jnp.float32(E))
+    if causal:
+        allowed_CxL = (q_offset + jnp.arange(C))[:, None] >= jnp.arange(L)[None, :]
+        scores_BxKxGxCxL = jnp.where(allowed_CxL, scores_BxKxGxCxL, jnp.finfo(jnp.float32).min)
+    probs_BxKxGxCxL = jax.nn.softmax(scores_BxKxGxCxL, axis=-1).astype(v_BxLxKxE.dtype)
+    return jnp.einsum("bkgcl,blke->bckge", probs_BxKxGxCxL, v_BxLxKxE)
+
+
+def _attend_chunked(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, C: int, causal: bool):
+    """The same attention C queries at a time: each query row's softmax is over all keys,
+    so chunking the queries is exact. Each chunk is rematerialised in the backward pass,
+    so at most one (C, L) score block per head exists, never the whole (L, L)."""
+    B, L, K, G, E = q_BxLxKxGxE.shape
+    q_NxBxCxKxGxE = jnp.moveaxis(q_BxLxKxGxE.reshape(B, L // C, C, K, G, E), 1, 0)
+
+    @jax.checkpoint
+    def one_chunk(q_BxCxKxGxE, q_offset):
+        return _attend(q_BxCxKxGxE, k_BxLxKxE, v_BxLxKxE, q_offset, causal)
+
+    out_NxBxCxKxGxE = jax.lax.map(lambda args: one_chunk(*args),
+                                  (q_NxBxCxKxGxE, jnp.arange(L // C) * C))
+    return jnp.moveaxis(out_NxBxCxKxGxE, 0, 1).reshape(B, L, K, G, E)
 
 
 class MLP(nnx.Module):
@@ -144,15 +170,37 @@ class Stack(nnx.Module):
 
     def __call__(self, x_BxLxD, cos_LxE, sin_LxE, causal: bool):
         graphdef, blocks_state = nnx.split(self.blocks)
+        return scan_blocks(graphdef, blocks_state, x_BxLxD, cos_LxE, sin_LxE, causal, self.remat)
 
-        def one_block(x, block_state):
-            block = nnx.merge(graphdef, _dense_block(block_state, x.dtype))
-            return block(x, cos_LxE, sin_LxE, causal), None
 
-        if self.remat != "none":
-            one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[self.remat])
-        x_BxLxD, _ = jax.lax.scan(one_block, x_BxLxD, blocks_state)
-        return x_BxLxD
+def scan_blocks(graphdef, blocks_state, x_BxLxD, cos_LxE, sin_LxE, causal: bool,
+                remat: str = "none", adapters=None, lora_alpha: float = 0.0):
+    """Blocks whose parameters are stacked on a leading axis, applied in order with scan.
+
+    adapters: LoRA adapters (lora.py) stacked on the same axis, or None. Each block's
+    kernels become W + (alpha / r) A @ B inside its iteration, formed in float32 and then
+    cast to the compute dtype, so one dense block exists at a time.
+    """
+    def one_block(x, xs):
+        block_state, block_adapters = xs
+        # The barrier keeps the conversion of this block's slice inside the loop: without it
+        # XLA may rewrite convert(slice(all blocks)) as slice(convert(all blocks)), i.e. make
+        # every stored layer dense at once.
+        block_state = jax.lax.optimization_barrier(block_state)
+        if block_adapters is None:
+            dense = _dense_block(block_state, x.dtype)
+        else:
+            rank = jax.tree.leaves(block_adapters)[0].shape[-1]
+            dense = lora.apply_adapters(_dense_block(block_state, jnp.float32), block_adapters,
+                                        lora_alpha, rank)
+            dense = jax.tree.map(lambda v: v.astype(x.dtype), dense)
+        block = nnx.merge(graphdef, dense)
+        return block(x, cos_LxE, sin_LxE, causal), None
+
+    if remat != "none":
+        one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[remat])
+    x_BxLxD, _ = jax.lax.scan(one_block, x_BxLxD, (blocks_state, adapters))
+    return x_BxLxD
 
 
 class Rack(nnx.Module):
@@ -178,6 +226,17 @@ class Rack(nnx.Module):
         for stack in self.stacks[start:stop]:
             x_BxLxD = stack(x_BxLxD, cos_LxE, sin_LxE, causal)
         return x_BxLxD
+
+    def run_trunk(self, trunk_blocks, x_BxLxD, mode: str, adapters=None, lora_alpha=0.0):
+        """Applies layers given as one tree of blocks stacked on a leading axis (frozen
+        stacks concatenated, see stages.store_frozen): one scan over every layer. With
+        LoRA adapters (fusion), gradients reach them through every layer."""
+        causal = _check_mode(mode)
+        m = self.config
+        cos_LxE, sin_LxE = rope_cos_sin(x_BxLxD.shape[1], m.d_model // m.n_heads, m.rope_theta)
+        graphdef = nnx.graphdef(self.stacks[0].blocks)
+        return scan_blocks(graphdef, trunk_blocks, x_BxLxD, cos_LxE, sin_LxE, causal,
+                           m.remat if adapters is not None else "none", adapters, lora_alpha)
 
     def logits(self, x_BxLxD):
         """Final norm and head."""

@@ -54,7 +54,7 @@ def load_run(workdir: str, require_finished: bool = False) -> LoadedRun:
     if require_finished and not meta["done"]:
         raise UserError(f"'{workdir}' has not finished training (latest checkpoint: stage "
                         f"{meta['stage']}, step {meta['step']}); rerun the train command to finish it")
-    params, _, _ = ckpt.restore(step, abstract_params(cfg.model))
+    params, _, _, _ = ckpt.restore(step, abstract_params(cfg.model))
     ckpt.close()
     params = jax.tree.map(jax.numpy.asarray, params)
     tokenizer = data.Tokenizer.load(os.path.join(workdir, "tokenizer"))

@@ -23,7 +23,7 @@ from stackwise_jax import quant
 from stackwise_jax.model import Rack
 
 
-COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 
 
 def compute_dtype(cfg):
@@ -31,20 +31,30 @@ def compute_dtype(cfg):
     return COMPUTE_DTYPES[cfg.training.progressive.new_stack_precision]
 
 
-def store_frozen(frozen: dict, fmt: str) -> dict:
-    """The frozen stacks' kernels in their storage format (quant.py), quantised once per
-    stage; embedding, norms and head are left as they are. fp32 stores them unchanged."""
-    if fmt == "fp32" or "stacks" not in frozen:
-        return frozen
-    return {**frozen, "stacks": {k: quant.quantize_tree(v, fmt) for k, v in frozen["stacks"].items()}}
+def store_frozen(frozen: dict, fmt: str, dtype) -> dict:
+    """Frozen parameters as a stage keeps them on the device.
+
+    The frozen stacks become one trunk: their blocks concatenated on the leading (block)
+    axis, kernels in their storage format (quant.py; fp32 keeps them as they are). The trunk
+    runs as a single scan over every frozen layer, converting one layer at a time to the
+    compute dtype. Frozen embedding, norms and head are stored in the compute dtype, which
+    is exact: the forward pass would cast them to it anyway."""
+    rest = cast_floats({k: v for k, v in frozen.items() if k != "stacks"}, dtype)
+    if "stacks" not in frozen:
+        return rest
+    stored = [frozen["stacks"][k]["blocks"] for k in sorted(frozen["stacks"])]
+    if fmt != "fp32":
+        stored = [quant.quantize_tree(blocks, fmt) for blocks in stored]
+    trunk = stored[0] if len(stored) == 1 else jax.tree.map(
+        lambda *xs: jnp.concatenate(xs, axis=0), *stored)
+    return {**rest, "trunk": trunk}
 
 
 def frozen_for_forward(frozen: dict, dtype) -> dict:
-    """Frozen embedding, norm and head cast to the compute dtype. Frozen stacks stay as
-    stored: model.Stack converts each block inside its scan iteration."""
-    out = cast_floats({k: v for k, v in frozen.items() if k != "stacks"}, dtype)
-    if "stacks" in frozen:
-        out["stacks"] = frozen["stacks"]
+    """Frozen embedding, norm and head cast to the compute dtype. Frozen stacks and the
+    trunk stay as stored: model.scan_blocks converts each block inside its scan iteration."""
+    out = cast_floats({k: v for k, v in frozen.items() if k not in ("stacks", "trunk")}, dtype)
+    out.update({k: frozen[k] for k in ("stacks", "trunk") if k in frozen})
     return out
 
 
@@ -143,16 +153,22 @@ class Partition:
         return _split_tree(used, self.plan.trains)
 
     def rack(self, trainable: dict, frozen: dict) -> Rack:
-        """A Rack of these parameters; those given in neither stay abstract (never run)."""
+        """A Rack of these parameters; those given in neither stay abstract (never run).
+        A stored trunk (store_frozen) is not part of the Rack: pass it to stage_hidden."""
+        frozen = {k: v for k, v in frozen.items() if k != "trunk"}
         state = nnx.State(jax.tree.map(lambda x: x, self.abstract_state))
         nnx.replace_by_pure_dict(state, merge_trees(trainable, frozen))
         return nnx.merge(self.graphdef, state)
 
 
-def stage_hidden(rack: Rack, ids_BxL, plan: StagePlan, mode: str):
-    """Hidden states leaving the last stack that runs in this stage."""
+def stage_hidden(rack: Rack, ids_BxL, plan: StagePlan, mode: str, trunk=None):
+    """Hidden states leaving the last stack that runs in this stage. The frozen stacks run
+    from `trunk` (store_frozen's layout) when given, else from the Rack's own stacks."""
     x_BxLxD = rack.embed(ids_BxL)
-    x_BxLxD = rack.run_stacks(x_BxLxD, 0, plan.first_trainable_stack, mode)
+    if trunk is not None:
+        x_BxLxD = rack.run_trunk(trunk, x_BxLxD, mode)
+    else:
+        x_BxLxD = rack.run_stacks(x_BxLxD, 0, plan.first_trainable_stack, mode)
     if plan.first_trainable_stack > 0 and plan.trunk_is_frozen:
         x_BxLxD = jax.lax.stop_gradient(x_BxLxD)
     return rack.run_stacks(x_BxLxD, plan.first_trainable_stack, plan.n_stacks_run, mode)

@@ -22,23 +22,13 @@ from absl import app, flags, logging
 from flax import nnx
 from tqdm import tqdm
 
-from stackwise_jax import cache, checkpoint, data, evaluate, objective, stages
+from stackwise_jax import (cache, checkpoint, data, evaluate, fusion, loss_scale, objective,
+                           stages)
 from stackwise_jax import config as config_lib
 from stackwise_jax.errors import UserError
 from stackwise_jax.model import Rack, param_counts
+from stackwise_jax.optim import LossScaledState, make_optimizer
 from stackwise_jax.run import rack_from_params
-
-
-def make_optimizer(t_cfg, n_steps: int) -> optax.GradientTransformation:
-    """AdamW with warmup + cosine decay; weight decay on matrices only (not norms)."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, t_cfg.learning_rate, t_cfg.warmup_steps, max(n_steps, t_cfg.warmup_steps + 1),
-        end_value=0.1 * t_cfg.learning_rate)
-    adamw = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=t_cfg.weight_decay,
-                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
-    if t_cfg.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(t_cfg.grad_clip_norm), adamw)
-    return adamw
 
 
 def make_loss_fn(cfg, partition: stages.Partition, mask_range, mask_id: int):
@@ -48,13 +38,14 @@ def make_loss_fn(cfg, partition: stages.Partition, mask_range, mask_id: int):
 
     def loss_fn(trainable, frozen, ids_BxL, key):
         # Master weights stay float32; the forward pass runs in the compute dtype.
-        rack = partition.rack(stages.cast_floats(trainable, dtype), stages.frozen_for_forward(frozen, dtype))
-        chunk = t_cfg.loss_chunk_size
+        frozen = stages.frozen_for_forward(frozen, dtype)
+        rack = partition.rack(stages.cast_floats(trainable, dtype), frozen)
+        trunk, chunk = frozen.get("trunk"), t_cfg.loss_chunk_size
         if t_cfg.objective == "causal":
-            hidden_BxLxD = stages.stage_hidden(rack, ids_BxL, plan, "causal")
+            hidden_BxLxD = stages.stage_hidden(rack, ids_BxL, plan, "causal", trunk)
             return objective.causal_loss_from_hidden(hidden_BxLxD, rack.logits, ids_BxL, chunk)
         inputs_BxL, masked_BxL, t_B = objective.sample_mask(key, ids_BxL, *mask_range, mask_id)
-        hidden_BxLxD = stages.stage_hidden(rack, inputs_BxL, plan, "bidirectional")
+        hidden_BxLxD = stages.stage_hidden(rack, inputs_BxL, plan, "bidirectional", trunk)
         return objective.masked_diffusion_loss_from_hidden(
             hidden_BxLxD, rack.logits, ids_BxL, masked_BxL, t_B, t_cfg.loss_weighting, chunk)
 
@@ -64,7 +55,11 @@ def make_loss_fn(cfg, partition: stages.Partition, mask_range, mask_id: int):
 def make_train_step(loss_fn, tx):
     @functools.partial(jax.jit, donate_argnums=(0, 2))
     def train_step(trainable, frozen, opt_state, ids_BxL, key):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids_BxL, key)
+        if isinstance(opt_state, LossScaledState):  # fp16: scale the loss up first
+            loss, grads, _ = loss_scale.scaled_value_and_grad(loss_fn, opt_state.loss_scale)(
+                trainable, frozen, ids_BxL, key)
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids_BxL, key)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
@@ -115,7 +110,7 @@ class StageRunner:
     step: object  # jitted (trainable, frozen, opt_state, batch, key) -> (trainable, opt_state, loss)
     batches: object  # grain iterator with get_state / set_state
     to_full: object  # (params, trainable) -> params
-    source: str  # 'tokens' or 'cache'
+    source: str  # 'tokens', 'cache' or 'fusion' (adapters on the whole Rack)
 
 
 class Trainer:
@@ -126,13 +121,26 @@ class Trainer:
         self.rebuild_cache = rebuild_cache
         self.template = nnx.eval_shape(lambda: Rack(cfg.model, nnx.Rngs(0)))
         self.tx = make_optimizer(cfg.training, config_lib.steps_in_stage(cfg))
+        if fusion.enabled(cfg):
+            self.fusion_tx = make_optimizer(cfg.training, cfg.training.fusion.steps,
+                                            cfg.training.fusion.learning_rate)
         self.cached_step = None  # one compiled step serves every cached stage
         self.cache_seconds: dict[int, float] = {}  # opening or building each stage's cache
         self.token_batches = data.train_batches(prepared.train_rows, cfg.data.batch_size,
                                                 cfg.data.seed)
 
     def uses_cache(self, stage: int) -> bool:
-        return self.cfg.training.progressive.cache_activations and stage >= 1
+        return (self.cfg.training.progressive.cache_activations and stage >= 1
+                and not fusion.is_fusion(self.cfg, stage))
+
+    def tx_for(self, stage: int):
+        return self.fusion_tx if fusion.is_fusion(self.cfg, stage) else self.tx
+
+    def trainable_like(self, stage: int, params: dict):
+        """Abstract trainable tree of `stage` (to restore its optimizer state)."""
+        if fusion.is_fusion(self.cfg, stage):
+            return fusion.adapters_like(self.cfg, self.template)
+        return self.split(stage, params)[0]
 
     def partition(self, stage: int) -> stages.Partition:
         plan = stages.plan_stage(self.cfg, stage)
@@ -145,15 +153,24 @@ class Trainer:
         params = cache.to_one_stack(params, stage) if self.uses_cache(stage) else params
         return self.partition(stage).split(params)
 
-    def runner(self, stage: int, params: dict) -> StageRunner:
+    def runner(self, stage: int, params: dict, adapters=None) -> StageRunner:
+        """adapters: fusion's adapters restored from a checkpoint (fresh ones otherwise)."""
         cfg, mask_id = self.cfg, self.prepared.tokenizer.mask_id
+        if fusion.is_fusion(cfg, stage):
+            partition = fusion.partition(self.template, cfg)
+            frozen = fusion.store_base(partition, params, cfg)
+            trainable = adapters if adapters is not None else fusion.init_adapters(cfg, frozen["trunk"])
+            step = make_train_step(fusion.make_loss_fn(cfg, partition, mask_id), self.fusion_tx)
+            return StageRunner(trainable, frozen, step, self.token_batches,
+                               lambda full, tr: fusion.merge(full, frozen, tr, cfg), "fusion")
         partition = self.partition(stage)
         trainable, frozen = self.split(stage, params)
         if not self.uses_cache(stage):
             mask_range = objective.stage_mask_range(cfg.training, stage,
                                                     cfg.model.architecture.n_stacks)
             step = make_train_step(make_loss_fn(cfg, partition, mask_range, mask_id), self.tx)
-            frozen = stages.store_frozen(frozen, cfg.training.progressive.frozen_precision)
+            frozen = stages.store_frozen(frozen, cfg.training.progressive.frozen_precision,
+                                         stages.compute_dtype(cfg))
             return StageRunner(trainable, frozen, step, self.token_batches,
                                lambda full, tr: stages.merge_trees(full, tr), "tokens")
         start = time.perf_counter()
@@ -194,21 +211,25 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
 
     params = nnx.to_pure_dict(nnx.state(Rack(cfg.model, nnx.Rngs(cfg.training.seed)), nnx.Param))
     ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
-    meta, data_state, opt_state = _fresh_meta(), {}, None
+    meta, data_state, opt_state, adapters = _fresh_meta(), {}, None, None
     latest = ckpt.latest_step()
     if latest is not None:
         meta = ckpt.meta(latest)
-        opt_like = None
+        opt_like = adapters_like = None
         if meta["step"] > 0 and not meta["done"]:
-            opt_like = jax.eval_shape(trainer.tx.init, trainer.split(meta["stage"], params)[0])
-        params, data_state, opt_state = ckpt.restore(latest, params, opt_like)
+            trainable_like = trainer.trainable_like(meta["stage"], params)
+            opt_like = jax.eval_shape(trainer.tx_for(meta["stage"]).init, trainable_like)
+            if fusion.is_fusion(cfg, meta["stage"]):
+                adapters_like = trainable_like
+        params, data_state, opt_state, adapters = ckpt.restore(latest, params, opt_like,
+                                                               adapters_like)
         print(f"resuming {workdir} at stage {meta['stage']}, step {meta['step']} "
               f"(checkpoint {latest})")
     metrics = MetricsLog(workdir, meta["global_step"])
     if data_state.get("tokens"):
         trainer.token_batches.set_state(data_state["tokens"])
 
-    n_stages, n_steps = config_lib.n_stages(cfg), config_lib.steps_in_stage(cfg)
+    n_phases = config_lib.n_phases(cfg)
     steps_this_call, seg_start, seg_tokens = 0, time.perf_counter(), 0
     r = None
 
@@ -218,23 +239,30 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
         state = {"tokens": trainer.token_batches.get_state()}
         if r is not None and r.source == "cache" and meta["step"] > 0:
             state["cache"] = r.batches.get_state()
+        if r is not None and r.source == "fusion":  # the base stays unmerged until the end
+            ckpt.save(meta["global_step"], params, dict(meta), state, opt, adapters=r.trainable)
+            return
         ckpt.save(meta["global_step"], params if r is None else r.to_full(params, r.trainable),
                   dict(meta), state, opt)
 
     try:
-        while meta["stage"] < n_stages:
+        while meta["stage"] < n_phases:
             if max_steps is not None and steps_this_call >= max_steps:
                 return {}
             stage = meta["stage"]
-            r = trainer.runner(stage, params)
+            n_steps = config_lib.steps_in_phase(cfg, stage)
+            r = trainer.runner(stage, params, adapters)
+            adapters = None
             if r.source == "cache" and data_state.get("cache") and meta["step"] > 0:
                 r.batches.set_state(data_state["cache"])
             if opt_state is None:
-                opt_state = trainer.tx.init(r.trainable)
+                opt_state = trainer.tx_for(stage).init(r.trainable)
 
+            name = ("fusion" if r.source == "fusion"
+                    else f"stage {stage + 1}/{config_lib.n_stages(cfg)}")
             bar = tqdm(total=n_steps, initial=meta["step"], disable=not progress, dynamic_ncols=True,
-                       desc=f"stage {stage + 1}/{n_stages} ({_count(r.trainable) / 1e6:.2f}M "
-                            f"trainable, from {r.source})")
+                       desc=f"{name} ({_count(r.trainable) / 1e6:.2f}M trainable, "
+                            f"from {r.source})")
             seg_start, seg_tokens = time.perf_counter(), 0
             last_log_t, since_log_tokens = seg_start, 0
             while meta["step"] < n_steps:
@@ -269,19 +297,24 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
                 save(opt_state)
                 return {}
             params = r.to_full(params, r.trainable)
-            r, opt_state, data_state = None, None, {}
-            record = {"stage": stage, "trainable_params": _count(trainer.split(stage, params)[0]),
+            record = {"stage": stage, "trainable_params": _count(r.trainable),
                       "steps": n_steps, "tokens": meta["stage_tokens"],
                       "wall_s": round(meta["stage_wall_s"], 2)}
+            is_fusion = r.source == "fusion"
+            r, opt_state, data_state = None, None, {}
             if stage in trainer.cache_seconds:
                 record["cache_s"] = round(trainer.cache_seconds[stage], 2)
-            if cfg.training.objective == "masked_diffusion":
+            rack = rack_from_params(cfg.model, params)
+            n_run = rack.n_stacks if is_fusion else stages.plan_stage(cfg, stage).n_stacks_run
+            if cfg.training.objective == "masked_diffusion" or is_fusion:
                 record["heldout_loss_t0.5"] = evaluate.masked_diffusion_loss(
-                    rack_from_params(cfg.model, params), heldout, 0.5, prepared.tokenizer.mask_id,
-                    stages.plan_stage(cfg, stage).n_stacks_run)
+                    rack, heldout, 0.5, prepared.tokenizer.mask_id, n_run)
+            if is_fusion:
+                record["phase"] = "fusion"
+                record["heldout_causal_loss"] = evaluate.causal_loss(rack, heldout)
             meta["stages"].append(record)
             meta.update(stage=stage + 1, step=0, stage_wall_s=0.0, stage_tokens=0,
-                        done=stage + 1 == n_stages)
+                        done=stage + 1 == n_phases)
             save(None)
     except KeyboardInterrupt:
         print("interrupted: saving a checkpoint to resume from", file=sys.stderr)

@@ -89,3 +89,39 @@ def test_memory_levers_lower_compiled_temporaries():
     none, params = loss_and_grad_fn(small_vocab)
     full, _ = loss_and_grad_fn(small_model(vocab_size=512, d_ff=512, remat="full"))
     assert temp_bytes(full, params, ids, masked, t) < temp_bytes(none, params, ids, masked, t)
+
+
+def causal_loss_and_grad_fn(m):
+    rack = model.Rack(m, nnx.Rngs(0))
+    graphdef, params = nnx.split(rack)
+
+    def loss(params, ids):
+        r = nnx.merge(graphdef, params)
+        return objective.causal_loss(r(ids, "causal"), ids)
+
+    return jax.value_and_grad(loss), params
+
+
+def test_chunked_attention_changes_nothing_numerically():
+    ids, masked, t = batch()
+    for make, args in ((loss_and_grad_fn, (ids, masked, t)), (causal_loss_and_grad_fn, (ids,))):
+        plain, params = make(small_model())
+        chunked, _ = make(small_model(attention_chunk_size=16))
+        (l0, g0), (l1, g1) = plain(params, *args), chunked(params, *args)
+        np.testing.assert_allclose(l1, l0, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_attention_never_holds_whole_score_matrix():
+    B, L, H = 2, 512, 4
+    ids, masked, t = batch(B, L)
+    plain_m, chunked_m = small_model(d_ff=64), small_model(d_ff=64, attention_chunk_size=64)
+    plain_m.architecture.blocks_per_stack = chunked_m.architecture.blocks_per_stack = 1
+    plain, params = loss_and_grad_fn(plain_m)
+    chunked, _ = loss_and_grad_fn(chunked_m)
+    scores = B * H * L * L * 4  # one float32 (B, H, L, L) score matrix
+    plain_b = temp_bytes(plain, params, ids, masked, t)
+    chunked_b = temp_bytes(chunked, params, ids, masked, t)
+    assert plain_b > scores
+    assert chunked_b < plain_b - scores, (plain_b, chunked_b)
