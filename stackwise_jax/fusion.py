@@ -69,7 +69,7 @@ def make_loss_fn(cfg, partition_: stages.Partition, mask_id: int):
 
         def hidden(ids, mode):
             x_BxLxD = rack.embed(ids).astype(dtype)
-            return rack.run_trunk(frozen["trunk"], x_BxLxD, mode, adapters, f.lora_alpha)
+            return rack.run_trunk(frozen["trunk"], x_BxLxD, mode, adapters, f.lora_alpha, f.remat)
 
         if f.objective == "causal":
             return objective.causal_loss_from_hidden(hidden(ids_BxL, "causal"), rack.logits,

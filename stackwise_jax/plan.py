@@ -8,11 +8,16 @@ nothing is allocated), and XLA's memory_analysis gives its arguments, outputs an
 temporaries. Phases: the last stage training from cached inputs, and the last stage with
 the frozen trunk resident in each storage dtype. The CPU compiler's buffer assignment is
 not a GPU's (it keeps full attention score matrices, for one): read totals as estimates.
+
+`preflight(cfg, budget)` checks only the phase the run will execute (phases_for_run) and
+raises UserError with the overrides that would make it fit; `device_memory_bytes()` gives
+the accelerator's limit for it (None on CPU, where the check is skipped).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import sys
@@ -21,7 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stackwise_jax import cache, objective, stages
+from stackwise_jax import cache, fusion, objective, stages
+from stackwise_jax.optim import make_optimizer
+from stackwise_jax.step import make_loss_fn, make_train_step
 from stackwise_jax import config as config_lib
 from stackwise_jax.errors import UserError
 from stackwise_jax.model import Rack
@@ -50,19 +57,34 @@ def _params_like(model_cfg) -> dict:
                                       nnx.Param))
 
 
+def _stack_forward_flops(cfg) -> float:
+    """Matmul FLOPs per token of one stack's forward: weights, plus attention's QK and PV."""
+    from stackwise_jax.model import param_counts
+
+    m = cfg.model
+    return (2 * param_counts(m)["stack_0"]
+            + 4 * cfg.data.seq_len * m.d_model * m.architecture.blocks_per_stack)
+
+
 def model_flops_per_token(cfg, plan: stages.StagePlan, trunk_runs: bool) -> float:
     """Matmul FLOPs per token of one step: a trained part costs 3 forwards (forward, input
     and weight gradients), the frozen trunk 1, a frozen head 2 (its input gradient). Remat's
     recomputation is not counted (model FLOPs, as MFU defines them). XLA:CPU's own
     cost_analysis counts a scan body once, so it cannot be used for scanned code."""
-    from stackwise_jax.model import param_counts
-
-    m, L = cfg.model, cfg.data.seq_len
-    stack_fwd = 2 * param_counts(m)["stack_0"] + 4 * L * m.d_model * m.architecture.blocks_per_stack
+    m = cfg.model
+    stack_fwd = _stack_forward_flops(cfg)
     trained = plan.n_stacks_run - plan.first_trainable_stack
     frozen = plan.first_trainable_stack if trunk_runs else 0
     head_fwd = 2 * m.vocab_size * m.d_model
     return 3 * trained * stack_fwd + frozen * stack_fwd + (3 if plan.train_head else 2) * head_fwd
+
+
+def fusion_flops_per_token(cfg) -> float:
+    """Fusion merges each adapter into its kernel inside the block, so the backward pass
+    forms full weight gradients: 3 forwards per stack (the adapters' own matmuls are
+    negligible at rank << d_model), 2 for the frozen head (its input gradient)."""
+    m = cfg.model
+    return 3 * m.architecture.n_stacks * _stack_forward_flops(cfg) + 2 * 2 * m.vocab_size * m.d_model
 
 
 def _analyze(name, step, trainable, frozen, opt_state, batch, flops, budget) -> dict:
@@ -78,43 +100,230 @@ def _analyze(name, step, trainable, frozen, opt_state, batch, flops, budget) -> 
             "fits": total <= budget, "flops_per_token": flops}
 
 
-def plan(cfg, budget: int) -> dict:
-    """Rows for each phase of the last stage (the largest), against `budget` bytes."""
-    from stackwise_jax import train  # the step builders
+CACHED = "cached"  # phase key of the last stage trained from the activation cache
+FIRST = "stage0"  # the first stage: it may train the embedding as well as stack 0 and head
+FUSION = "fusion"  # adapters on every stack over the base in fusion.base_precision
 
+
+def _cache_possible(cfg) -> bool:
+    p = cfg.training.progressive
+    return p.enabled and p.trunk_strategy == "frozen" and config_lib.n_stages(cfg) > 1
+
+
+def all_phases(cfg) -> list[str]:
+    """Phase keys the planner table shows: the first stage (when there are several), the
+    last stage from the cache (when a frozen trunk makes it possible), the last stage with
+    the trunk resident in each storage format of config_lib.FROZEN_PRECISIONS, and fusion."""
+    first = [FIRST] if config_lib.n_stages(cfg) > 1 else []
+    cached = [CACHED] if _cache_possible(cfg) else []
+    return first + cached + list(config_lib.FROZEN_PRECISIONS) + [FUSION]
+
+
+def phases_for_run(cfg) -> list[str]:
+    """Phase keys as this config will run them: the first stage, the last stage (the
+    largest trunk) from the activation cache when training.progressive.cache_activations
+    is on and there is a trunk to cache, otherwise with the trunk resident in its
+    configured frozen_precision, and fusion when training.fusion.steps > 0."""
+    p = cfg.training.progressive
+    last = [CACHED] if p.cache_activations and _cache_possible(cfg) else [p.frozen_precision]
+    first = [FIRST] if config_lib.n_stages(cfg) > 1 else []
+    return first + last + ([FUSION] if cfg.training.fusion.steps > 0 else [])
+
+
+def plan(cfg, budget: int, phases: list[str] | None = None) -> dict:
+    """Rows for the phases of the last stage (the largest), against `budget` bytes.
+
+    `phases`: keys from all_phases(cfg) (CACHED or a frozen storage format), in the order
+    wanted; None: all of them (the CLI's table)."""
+    phases = all_phases(cfg) if phases is None else list(phases)
+    unknown = [k for k in phases if k not in all_phases(cfg)]
+    if unknown:
+        raise ValueError(f"phases {unknown} not among {all_phases(cfg)} for this config")
     B, L, D = cfg.data.batch_size, cfg.data.seq_len, cfg.model.d_model
     stage = config_lib.n_stages(cfg) - 1
-    tx = train.make_optimizer(cfg.training, config_lib.steps_in_stage(cfg))
-    rows = []
-
+    tx = make_optimizer(cfg.training, config_lib.steps_in_stage(cfg))
     stage_plan = stages.plan_stage(cfg, stage)
-    if cfg.training.progressive.enabled and cfg.training.progressive.trunk_strategy == "frozen" \
-            and stage >= 1:
+    rows = {}
+
+    if CACHED in phases:
         part = cache.cached_partition(cfg.model, stage_plan)
         trainable, frozen = part.split(_abstract(_params_like(cache.one_stack_config(cfg.model))))
         batch = {"hidden": jax.ShapeDtypeStruct((B, L, D), jnp.float32),
                  "targets": jax.ShapeDtypeStruct((B, L), jnp.int32),
                  "masked": jax.ShapeDtypeStruct((B, L), jnp.bool_),
                  "t": jax.ShapeDtypeStruct((B,), jnp.float32)}
-        step = train.make_train_step(cache.make_cached_loss_fn(cfg, part), tx)
-        rows.append(_analyze(f"stage {stage}, inputs from the activation cache", step, trainable,
-                             _abstract(frozen, jnp.bfloat16), jax.eval_shape(tx.init, trainable),
-                             batch, model_flops_per_token(cfg, stage_plan, False), budget))
+        step = make_train_step(cache.make_cached_loss_fn(cfg, part), tx)
+        rows[CACHED] = _analyze(f"stage {stage}, inputs from the activation cache", step,
+                                trainable, _abstract(frozen, jnp.bfloat16),
+                                jax.eval_shape(tx.init, trainable), batch,
+                                model_flops_per_token(cfg, stage_plan, False), budget)
 
     template = nnx.eval_shape(lambda: Rack(cfg.model, nnx.Rngs(0)))
-    part = stages.Partition(template, stage_plan)
-    trainable, frozen = part.split(_abstract(_params_like(cfg.model)))
-    mask_range = objective.stage_mask_range(cfg.training, stage, cfg.model.architecture.n_stacks)
-    step = train.make_train_step(train.make_loss_fn(cfg, part, mask_range, 0), tx)
-    batch = jax.ShapeDtypeStruct((B, L), jnp.int32)
-    for storage in config_lib.FROZEN_PRECISIONS:
-        stored = jax.eval_shape(lambda f: stages.store_frozen(f, storage), _abstract(frozen))
-        rows.append(_analyze(f"stage {stage}, frozen trunk resident in {storage}", step,
-                             trainable, stored, jax.eval_shape(tx.init, trainable),
-                             batch, model_flops_per_token(cfg, stage_plan, True), budget))
+    ids = jax.ShapeDtypeStruct((B, L), jnp.int32)
+    if FIRST in phases:
+        first_plan = stages.plan_stage(cfg, 0)
+        part = stages.Partition(template, first_plan)
+        trainable, frozen = part.split(_abstract(_params_like(cfg.model)))
+        mask_range = objective.stage_mask_range(cfg.training, 0, cfg.model.architecture.n_stacks)
+        step = make_train_step(make_loss_fn(cfg, part, mask_range, 0), tx)
+        stored = jax.eval_shape(lambda f: stages.store_frozen(f, "fp32", stages.compute_dtype(cfg)),
+                                _abstract(frozen))
+        rows[FIRST] = _analyze("stage 0, embedding and head train with stack 0"
+                               if first_plan.train_embedding else "stage 0", step, trainable,
+                               stored, jax.eval_shape(tx.init, trainable), ids,
+                               model_flops_per_token(cfg, first_plan, True), budget)
 
-    return {"device_memory_bytes": budget, "batch_size": B, "seq_len": L, "phases": rows,
-            "cache": cache.bytes_and_flops_per_token(cfg)}
+    if FUSION in phases:
+        f = cfg.training.fusion
+        part = fusion.partition(template, cfg)
+        frozen = jax.eval_shape(lambda p: fusion.store_base(part, p, cfg),
+                                _abstract(_params_like(cfg.model)))
+        adapters = jax.eval_shape(lambda tr: fusion.init_adapters(cfg, tr), frozen["trunk"])
+        fusion_tx = make_optimizer(cfg.training, max(f.steps, 1), f.learning_rate)
+        step = make_train_step(fusion.make_loss_fn(cfg, part, 0), fusion_tx)
+        rows[FUSION] = _analyze(f"fusion, LoRA rank {f.lora_rank} on all "
+                                f"{cfg.model.architecture.n_stacks} stacks over a "
+                                f"{f.base_precision} base", step, adapters, frozen,
+                                jax.eval_shape(fusion_tx.init, adapters), ids,
+                                fusion_flops_per_token(cfg), budget)
+
+    storages = [k for k in phases if k in config_lib.FROZEN_PRECISIONS]
+    if storages:
+        part = stages.Partition(template, stage_plan)
+        trainable, frozen = part.split(_abstract(_params_like(cfg.model)))
+        mask_range = objective.stage_mask_range(cfg.training, stage,
+                                                cfg.model.architecture.n_stacks)
+        step = make_train_step(make_loss_fn(cfg, part, mask_range, 0), tx)
+        batch = jax.ShapeDtypeStruct((B, L), jnp.int32)
+        for storage in storages:
+            stored = jax.eval_shape(
+                lambda f: stages.store_frozen(f, storage, stages.compute_dtype(cfg)),
+                _abstract(frozen))
+            rows[storage] = _analyze(f"stage {stage}, frozen trunk resident in {storage}", step,
+                                     trainable, stored, jax.eval_shape(tx.init, trainable),
+                                     batch, model_flops_per_token(cfg, stage_plan, True), budget)
+
+    return {"device_memory_bytes": budget, "batch_size": B, "seq_len": L,
+            "phases": [rows[k] for k in phases], "cache": cache.bytes_and_flops_per_token(cfg)}
+
+
+# ------------------------------------------------------------------------------ preflight
+
+
+def device_memory_bytes(device=None) -> int | None:
+    """The accelerator's memory limit in bytes (memory_stats()["bytes_limit"]), or None
+    where the backend does not report one (CPU), so the preflight check is skipped there."""
+    try:
+        device = jax.devices()[0] if device is None else device
+        stats = device.memory_stats()
+    except Exception:  # a backend without memory stats; never a reason to stop a run
+        return None
+    limit = stats.get("bytes_limit") if isinstance(stats, dict) else None
+    return int(limit) if isinstance(limit, (int, float)) and limit > 0 else None
+
+
+def _gib(n: int) -> str:
+    """GiB as budgets are given; MiB or KiB for the small parts of small models."""
+    if n == 0:
+        return "0"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size / 10:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def _size_arg(n: int) -> str:
+    """`n` bytes as a --device_memory value that parse_bytes reads back."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if n % _UNITS[unit.upper()] == 0:
+            return f"{n // _UNITS[unit.upper()]}{unit}"
+    return f"{n}B"
+
+
+def _chunk_for(seq_len: int) -> int | None:
+    """A power-of-two chunk of at most a quarter of seq_len that divides it."""
+    return next((c for c in (1024, 512, 256, 128, 64, 32, 16, 8)
+                 if c <= seq_len // 4 and seq_len % c == 0), None)
+
+
+def _valid_with(cfg, key: str, value) -> bool:
+    """Whether the config still validates with key=value (a knob someone removed, or a
+    value another setting forbids, is not advised)."""
+    trial = copy.deepcopy(cfg)
+    try:
+        config_lib.set_override(trial, key, str(value))
+        config_lib.validate(trial)
+    except (UserError, KeyError, AttributeError):
+        return False
+    return True
+
+
+def _advice(cfg, row: dict) -> list[str]:
+    """Ready-to-paste overrides that shrink `row`, the largest part of it first; knobs
+    already at their saving value are left out."""
+    m, d, t, p = cfg.model, cfg.data, cfg.training, cfg.training.progressive
+    resident = "activation cache" not in row["phase"]
+    temps, frozen, opt = [], [], []
+    if d.batch_size > 1:
+        temps.append(("data.batch_size", d.batch_size // 2, d.batch_size,
+                      "activations scale with it"))
+    if d.seq_len > 1:
+        temps.append(("data.seq_len", d.seq_len // 2, d.seq_len, "activations scale with it"))
+    if m.get("remat", "full") != "full":
+        temps.append(("model.remat", "full", m.remat, "recompute each block in backward"))
+    chunk = _chunk_for(d.seq_len)
+    if chunk and m.get("attention_chunk_size", 1) == 0:
+        temps.append(("model.attention_chunk_size", chunk, 0,
+                      "no full attention score matrices"))
+    if chunk and t.get("loss_chunk_size", 1) == 0:
+        temps.append(("training.loss_chunk_size", chunk, 0, "no full logits"))
+    if p.get("new_stack_precision", "bf16") == "fp32":
+        temps.append(("training.progressive.new_stack_precision", "bf16", "fp32",
+                      "compute in bf16; master weights stay fp32"))
+    if resident and row["frozen_params_bytes"] >= 0.05 * row["total_bytes"]:  # it matters
+        if p.get("frozen_precision", "nf4") != "nf4":
+            frozen.append(("training.progressive.frozen_precision", "nf4", p.frozen_precision,
+                           "4-bit frozen trunk"))
+        if not p.get("cache_activations", True) and _cache_possible(cfg):
+            frozen.append(("training.progressive.cache_activations", True, False,
+                           "train from cached trunk outputs; no trunk on the device"))
+    if t.get("optimizer_state_dtype", "bf16") == "fp32":
+        opt.append(("training.optimizer_state_dtype", "bf16", "fp32", "half the Adam moments"))
+    groups = sorted([(row["xla_temp_bytes"], temps), (row["frozen_params_bytes"], frozen),
+                     (row["optimizer_bytes"], opt)], key=lambda g: -g[0])
+    out = []
+    for _, knobs in groups:
+        for key, value, now, why in knobs:
+            if _valid_with(cfg, key, value):
+                out.append(f"--config.{key}={value} (now {now}): {why}")
+    return out
+
+
+def preflight(cfg, budget_bytes: int) -> list[dict]:
+    """Compiles the phase(s) this config will run (phases_for_run) on abstract shapes and
+    checks them against `budget_bytes`. Returns the rows when all fit; otherwise raises
+    UserError naming the phase, its breakdown and the config knobs that would shrink it."""
+    rows = plan(cfg, budget_bytes, phases_for_run(cfg))["phases"]
+    bad = [r for r in rows if not r["fits"]]
+    if not bad:
+        return rows
+    r = max(bad, key=lambda r: r["total_bytes"])
+    lines = [f"memory preflight: '{r['phase']}' does not fit: it needs {_gib(r['total_bytes'])}"
+             f" of a {_gib(budget_bytes)} budget (trainable parameters "
+             f"{_gib(r['trainable_params_bytes'])}, frozen parameters "
+             f"{_gib(r['frozen_params_bytes'])}, optimizer state {_gib(r['optimizer_bytes'])}, "
+             f"XLA temporaries incl. gradients {_gib(r['xla_temp_bytes'])}, batch "
+             f"{_gib(r['batch_bytes'])})."]
+    advice = _advice(cfg, r)
+    if advice:
+        lines.append("To make it fit, change one or more of (largest part first):")
+        lines += [f"  {a}" for a in advice]
+    else:
+        lines.append("No memory knob is left to turn in this config: use a smaller model "
+                     "(model.d_model, model.architecture.blocks_per_stack) or a larger device.")
+    lines.append(f"See every phase: python -m stackwise_jax.plan "
+                 f"--device_memory={_size_arg(budget_bytes)} --config=...")
+    raise UserError("\n".join(lines))
 
 
 def format_table(result: dict) -> str:

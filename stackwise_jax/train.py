@@ -8,7 +8,6 @@ resumes from the latest checkpoint at the same stage, step and data position.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -17,58 +16,18 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags, logging
 from flax import nnx
 from tqdm import tqdm
 
-from stackwise_jax import (cache, checkpoint, data, evaluate, fusion, loss_scale, objective,
-                           stages)
+from stackwise_jax import cache, checkpoint, data, evaluate, fusion, objective, stages
 from stackwise_jax import config as config_lib
+from stackwise_jax import plan as plan_lib
 from stackwise_jax.errors import UserError
 from stackwise_jax.model import Rack, param_counts
-from stackwise_jax.optim import LossScaledState, make_optimizer
+from stackwise_jax.optim import make_optimizer
 from stackwise_jax.run import rack_from_params
-
-
-def make_loss_fn(cfg, partition: stages.Partition, mask_range, mask_id: int):
-    """loss(trainable, frozen, ids_BxL, key) for this stage's plan and objective."""
-    t_cfg, plan = cfg.training, partition.plan
-    dtype = stages.compute_dtype(cfg)
-
-    def loss_fn(trainable, frozen, ids_BxL, key):
-        # Master weights stay float32; the forward pass runs in the compute dtype.
-        frozen = stages.frozen_for_forward(frozen, dtype)
-        rack = partition.rack(stages.cast_floats(trainable, dtype), frozen)
-        trunk, chunk = frozen.get("trunk"), t_cfg.loss_chunk_size
-        if t_cfg.objective == "causal":
-            hidden_BxLxD = stages.stage_hidden(rack, ids_BxL, plan, "causal", trunk)
-            return objective.causal_loss_from_hidden(hidden_BxLxD, rack.logits, ids_BxL, chunk)
-        inputs_BxL, masked_BxL, t_B = objective.sample_mask(key, ids_BxL, *mask_range, mask_id)
-        hidden_BxLxD = stages.stage_hidden(rack, inputs_BxL, plan, "bidirectional", trunk)
-        return objective.masked_diffusion_loss_from_hidden(
-            hidden_BxLxD, rack.logits, ids_BxL, masked_BxL, t_B, t_cfg.loss_weighting, chunk)
-
-    return loss_fn
-
-
-def make_train_step(loss_fn, tx):
-    @functools.partial(jax.jit, donate_argnums=(0, 2))
-    def train_step(trainable, frozen, opt_state, ids_BxL, key):
-        if isinstance(opt_state, LossScaledState):  # fp16: scale the loss up first
-            loss, grads, _ = loss_scale.scaled_value_and_grad(loss_fn, opt_state.loss_scale)(
-                trainable, frozen, ids_BxL, key)
-        else:
-            loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids_BxL, key)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return train_step
-
-
-def step_key(seed: int, stage: int, step: int):
-    """Mask randomness depends only on (seed, stage, step), so a resumed run redraws it exactly."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stage), step)
+from stackwise_jax.step import make_loss_fn, make_train_step, step_key
 
 
 def _count(tree) -> int:
@@ -187,16 +146,25 @@ class Trainer:
 
 
 def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
-        rebuild_cache: bool = False) -> dict:
+        rebuild_cache: bool = False, device_memory: int | str | None = "auto") -> dict:
     """Trains (or resumes) the run in `workdir`; returns the summary once every stage is done.
 
     max_steps: stop after this many steps in this call (a checkpoint is saved), for
     notebooks that train in slices. Returns {} in that case if the run is not finished.
     rebuild_cache: regenerate the activation cache of the stage the run resumes in.
+    device_memory: bytes the preflight check plans against before anything is written;
+    "auto": the device's own limit where it reports one (GPU, TPU; the CPU does not, and
+    is not checked); None: no check.
     """
     config_lib.validate(cfg)
     checkpoint.check_workdir(workdir, cfg)  # a foreign workdir is refused first, untouched
     data.corpus_files(cfg.data)  # a bad glob fails before anything is written
+    if device_memory == "auto":
+        device_memory = plan_lib.device_memory_bytes()
+    if device_memory is not None:
+        for row in plan_lib.preflight(cfg, device_memory):  # raises, naming the knobs
+            print(f"memory preflight: {row['phase']}: {row['total_bytes'] / 2**30:.2f} of "
+                  f"{device_memory / 2**30:.2f} GiB")
     checkpoint.claim_workdir(workdir, cfg)
     summary_path = os.path.join(workdir, "summary.json")
     if os.path.exists(summary_path):
@@ -366,6 +334,9 @@ flags.DEFINE_string("config", None, "config file, e.g. configs/tiny.py; override
 flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)")
 flags.DEFINE_bool("dry_run", False, "validate the config, print parameter counts, allocate nothing")
 flags.DEFINE_integer("max_steps", None, "stop after this many steps (a checkpoint is saved)")
+flags.DEFINE_string("device_memory", "auto", "memory the preflight check plans against, e.g. "
+                    "80GiB; 'auto': the device's own limit where it reports one (not the CPU); "
+                    "'none': no check")
 flags.DEFINE_bool("rebuild_cache", False, "regenerate the activation cache of the stage the run "
                   "resumes in (after a corrupted or truncated shard is reported)")
 FLAGS = flags.FLAGS
@@ -393,8 +364,11 @@ def _main(argv):
             dry_run(cfg)
             return
         name = os.path.splitext(os.path.basename(FLAGS.config))[0]
+        memory = FLAGS.device_memory
+        if memory not in ("auto", "none"):
+            memory = plan_lib.parse_bytes(memory)
         run(cfg, FLAGS.workdir or os.path.join("runs", name), max_steps=FLAGS.max_steps,
-            rebuild_cache=FLAGS.rebuild_cache)
+            rebuild_cache=FLAGS.rebuild_cache, device_memory=None if memory == "none" else memory)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

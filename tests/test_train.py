@@ -174,6 +174,17 @@ def test_bad_input_stops_with_a_message_naming_the_key(tmp_path, override, needl
     assert not wd.exists()  # nothing written for a run that cannot start
 
 
+def test_preflight_refuses_a_run_that_does_not_fit_and_names_the_knobs(tmp_path):
+    wd = tmp_path / "wd"
+    r = cli("--config=configs/tiny.py", f"--workdir={wd}", "--device_memory=1MiB")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: memory preflight:"), r.stderr
+    assert "--config.data.batch_size=8 (now 16)" in r.stderr, r.stderr
+    assert not wd.exists()  # refused before anything is written
+    r = cli("--config=configs/tiny.py", f"--workdir={wd}", "--device_memory=lots")
+    assert r.returncode == 2 and "--device_memory='lots'" in r.stderr, r.stderr
+
+
 def test_workdir_of_another_config_is_refused_and_left_untouched(corpus_dir, tmp_path):
     wd = tmp_path / "wd"
     wd.mkdir()
