@@ -181,8 +181,16 @@ def run_shape(name: str, shape: dict, args, peak_tflops) -> dict:
     overrides = {CONFIG_KEYS[k]: str(v) for k, v in shape.items()}
     overrides.update({"training.progressive.cache_activations": "True",
                       "training.progressive.new_stack_precision": args.precision,
-                      "model.remat": args.remat,
-                      "training.loss_chunk_size": str(args.loss_chunk_size)})
+                      "model.remat": args.remat})
+    # Chunk sizes: as given, else configs/llama70b.py's where they divide this seq_len.
+    base = config.load(os.path.join(REPO, "configs", "llama70b.py"))
+    seq_len = shape.get("seq_len", base.data.seq_len)
+    for key, given, default in (
+            ("training.loss_chunk_size", args.loss_chunk_size, base.training.loss_chunk_size),
+            ("model.attention_chunk_size", args.attention_chunk_size,
+             base.model.attention_chunk_size)):
+        chunk = given if given is not None else (default if seq_len % default == 0 else 0)
+        overrides[key] = str(chunk)
     overrides.update(args.config_overrides)
     cfg = config.load(os.path.join(REPO, "configs", "llama70b.py"), overrides)
     B, L, D = cfg.data.batch_size, cfg.data.seq_len, cfg.model.d_model
@@ -244,7 +252,9 @@ def run_shape(name: str, shape: dict, args, peak_tflops) -> dict:
         peak_mem, mem_kind = stats.get("peak_bytes_in_use"), "device peak_bytes_in_use"
     return {
         "shape": name, **shape, "precision": args.precision, "remat": args.remat,
-        "loss_chunk_size": args.loss_chunk_size, "config_overrides": overrides,
+        "loss_chunk_size": cfg.training.loss_chunk_size,
+        "attention_chunk_size": cfg.model.attention_chunk_size,
+        "optimizer_state_dtype": cfg.training.optimizer_state_dtype, "config_overrides": overrides,
         "backend": backend, "device_kind": dev.device_kind,
         "trainable_params": n_trainable, "tokens_per_step": tokens,
         "compile_s": compile_s, "step_times_s": times, "median_step_s": step_s,
@@ -291,8 +301,10 @@ def table(rows: list[dict], info: dict, args) -> str:
         line += f"{_fmt(pl.get('total_bytes') and pl['total_bytes'] / GIB, '.2f')} |"
         lines.append(line)
     notes = [f"device: {info['device_kind']} ({info['backend']}), jax {info['jax']}; "
-             f"compute {args.precision}, remat {args.remat}, "
-             f"loss_chunk_size {args.loss_chunk_size}",
+             f"compute {args.precision}, remat {args.remat}, loss_chunk_size "
+             f"{rows[0].get('loss_chunk_size', 'n/a')}, attention_chunk_size "
+             f"{rows[0].get('attention_chunk_size', 'n/a')}, Adam moments "
+             f"{rows[0].get('optimizer_state_dtype', 'n/a')}",
              f"MFU peak: {_fmt(info['peak_tflops'], '.3g')} TFLOP/s ({info['peak_source']})"]
     if "cpu_fp32_matmul_tflops" in info:
         notes.append(f"(fp32 2048^3 matmul on this CPU: {info['cpu_fp32_matmul_tflops']:.3g} TFLOP/s)")
@@ -306,7 +318,10 @@ def table(rows: list[dict], info: dict, args) -> str:
 def _worker_argv(args, name: str, result_path: str, peak) -> list[str]:
     argv = [sys.executable, os.path.abspath(__file__), f"--shape={name}", f"--_result={result_path}",
             f"--steps={args.steps}", f"--warmup={args.warmup}", f"--precision={args.precision}",
-            f"--remat={args.remat}", f"--loss_chunk_size={args.loss_chunk_size}"]
+            f"--remat={args.remat}"]
+    for flag in ("loss_chunk_size", "attention_chunk_size"):
+        if getattr(args, flag) is not None:
+            argv.append(f"--{flag}={getattr(args, flag)}")
     if peak is not None:
         argv.append(f"--peak_tflops={peak}")
     if args.no_planner_estimate:
@@ -335,11 +350,14 @@ def main(argv=None):
                          "(default: 70b on a GPU, small on a CPU)")
     for k in SHAPE_KEYS:
         ap.add_argument(f"--{k}", type=int, default=None, help=f"override the preset's {k}")
-    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"),
                     help="training.progressive.new_stack_precision (compute dtype)")
     ap.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
-    ap.add_argument("--loss_chunk_size", type=int, default=0,
-                    help="training.loss_chunk_size (0: whole sequence)")
+    ap.add_argument("--loss_chunk_size", type=int, default=None,
+                    help="training.loss_chunk_size (0: whole sequence; default: "
+                         "configs/llama70b.py's where it divides the shape's seq_len, else 0)")
+    ap.add_argument("--attention_chunk_size", type=int, default=None,
+                    help="model.attention_chunk_size (0: all queries at once; default as above)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10 GPU, 3 CPU)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     ap.add_argument("--peak_tflops", type=float, default=None,
