@@ -183,10 +183,6 @@ def scan_blocks(graphdef, blocks_state, x_BxLxD, cos_LxE, sin_LxE, causal: bool,
     """
     def one_block(x, xs):
         block_state, block_adapters = xs
-        # The barrier keeps the conversion of this block's slice inside the loop: without it
-        # XLA may rewrite convert(slice(all blocks)) as slice(convert(all blocks)), i.e. make
-        # every stored layer dense at once.
-        block_state = jax.lax.optimization_barrier(block_state)
         if block_adapters is None:
             dense = _dense_block(block_state, x.dtype)
         else:
