@@ -61,14 +61,13 @@ def init_adapters(cfg, trunk) -> dict:
 def make_loss_fn(cfg, partition_: stages.Partition, mask_id: int):
     """loss(adapters, frozen, ids_BxL, key): the whole Rack with adapted kernels."""
     t_cfg, f = cfg.training, cfg.training.fusion
-    dtype = stages.compute_dtype(cfg)
 
     def loss_fn(adapters, frozen, ids_BxL, key):
         rack = partition_.rack({}, frozen)
         chunk = t_cfg.loss_chunk_size
 
         def hidden(ids, mode):
-            x_BxLxD = rack.embed(ids).astype(dtype)
+            x_BxLxD = rack.embed(ids)  # stored in the compute dtype (store_base)
             return rack.run_trunk(frozen["trunk"], x_BxLxD, mode, adapters, f.lora_alpha, f.remat)
 
         if f.objective == "causal":
