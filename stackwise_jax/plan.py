@@ -247,47 +247,52 @@ def _chunk_for(seq_len: int) -> int | None:
 
 
 def _valid_with(cfg, key: str, value) -> bool:
-    """Whether the config still validates with key=value (a knob someone removed, or a
-    value another setting forbids, is not advised)."""
+    """Whether the config still validates with key=value (a value another setting forbids
+    is not advised)."""
     trial = copy.deepcopy(cfg)
     try:
         config_lib.set_override(trial, key, str(value))
         config_lib.validate(trial)
-    except (UserError, KeyError, AttributeError):
+    except UserError:
         return False
     return True
 
 
-def _advice(cfg, row: dict) -> list[str]:
-    """Ready-to-paste overrides that shrink `row`, the largest part of it first; knobs
-    already at their saving value are left out."""
-    m, d, t, p = cfg.model, cfg.data, cfg.training, cfg.training.progressive
-    resident = "activation cache" not in row["phase"]
+def _advice(cfg, row: dict, phase: str) -> list[str]:
+    """Ready-to-paste overrides that shrink `row` (phase key `phase`), the largest part of
+    it first; knobs already at their saving value are left out."""
+    m, d, t, p, f = cfg.model, cfg.data, cfg.training, cfg.training.progressive, cfg.training.fusion
     temps, frozen, opt = [], [], []
     if d.batch_size > 1:
         temps.append(("data.batch_size", d.batch_size // 2, d.batch_size,
                       "activations scale with it"))
     if d.seq_len > 1:
         temps.append(("data.seq_len", d.seq_len // 2, d.seq_len, "activations scale with it"))
-    if m.get("remat", "full") != "full":
-        temps.append(("model.remat", "full", m.remat, "recompute each block in backward"))
+    # Fusion backpropagates through every layer with its own remat setting.
+    remat_key, remat = ("training.fusion.remat", f.remat) if phase == FUSION else ("model.remat", m.remat)
+    if remat != "full":
+        temps.append((remat_key, "full", remat, "recompute each block in backward"))
     chunk = _chunk_for(d.seq_len)
-    if chunk and m.get("attention_chunk_size", 1) == 0:
+    if chunk and m.attention_chunk_size == 0:
         temps.append(("model.attention_chunk_size", chunk, 0,
                       "no full attention score matrices"))
-    if chunk and t.get("loss_chunk_size", 1) == 0:
+    if chunk and t.loss_chunk_size == 0:
         temps.append(("training.loss_chunk_size", chunk, 0, "no full logits"))
-    if p.get("new_stack_precision", "bf16") == "fp32":
+    if p.new_stack_precision == "fp32":
         temps.append(("training.progressive.new_stack_precision", "bf16", "fp32",
                       "compute in bf16; master weights stay fp32"))
-    if resident and row["frozen_params_bytes"] >= 0.05 * row["total_bytes"]:  # it matters
-        if p.get("frozen_precision", "nf4") != "nf4":
+    if row["frozen_params_bytes"] >= 0.05 * row["total_bytes"]:  # it matters
+        if phase == FUSION and f.base_precision != "nf4":
+            frozen.append(("training.fusion.base_precision", "nf4", f.base_precision,
+                           "4-bit frozen base"))
+        if phase in config_lib.FROZEN_PRECISIONS and p.frozen_precision != "nf4":
             frozen.append(("training.progressive.frozen_precision", "nf4", p.frozen_precision,
                            "4-bit frozen trunk"))
-        if not p.get("cache_activations", True) and _cache_possible(cfg):
+        if phase in config_lib.FROZEN_PRECISIONS and not p.cache_activations \
+                and _cache_possible(cfg):
             frozen.append(("training.progressive.cache_activations", True, False,
                            "train from cached trunk outputs; no trunk on the device"))
-    if t.get("optimizer_state_dtype", "bf16") == "fp32":
+    if t.optimizer_state_dtype == "fp32":
         opt.append(("training.optimizer_state_dtype", "bf16", "fp32", "half the Adam moments"))
     groups = sorted([(row["xla_temp_bytes"], temps), (row["frozen_params_bytes"], frozen),
                      (row["optimizer_bytes"], opt)], key=lambda g: -g[0])
@@ -303,18 +308,19 @@ def preflight(cfg, budget_bytes: int) -> list[dict]:
     """Compiles the phase(s) this config will run (phases_for_run) on abstract shapes and
     checks them against `budget_bytes`. Returns the rows when all fit; otherwise raises
     UserError naming the phase, its breakdown and the config knobs that would shrink it."""
-    rows = plan(cfg, budget_bytes, phases_for_run(cfg))["phases"]
-    bad = [r for r in rows if not r["fits"]]
+    phases = phases_for_run(cfg)
+    rows = plan(cfg, budget_bytes, phases)["phases"]
+    bad = [(phase, r) for phase, r in zip(phases, rows) if not r["fits"]]
     if not bad:
         return rows
-    r = max(bad, key=lambda r: r["total_bytes"])
+    phase, r = max(bad, key=lambda pr: pr[1]["total_bytes"])
     lines = [f"memory preflight: '{r['phase']}' does not fit: it needs {_gib(r['total_bytes'])}"
              f" of a {_gib(budget_bytes)} budget (trainable parameters "
              f"{_gib(r['trainable_params_bytes'])}, frozen parameters "
              f"{_gib(r['frozen_params_bytes'])}, optimizer state {_gib(r['optimizer_bytes'])}, "
              f"XLA temporaries incl. gradients {_gib(r['xla_temp_bytes'])}, batch "
              f"{_gib(r['batch_bytes'])})."]
-    advice = _advice(cfg, r)
+    advice = _advice(cfg, r, phase)
     if advice:
         lines.append("To make it fit, change one or more of (largest part first):")
         lines += [f"  {a}" for a in advice]

@@ -136,7 +136,7 @@ def test_advice_follows_the_part_that_dominates(corpus_dir):
     def advice(temp, frozen, opt):
         r = dict(row, xla_temp_bytes=temp, frozen_params_bytes=frozen, optimizer_bytes=opt,
                  total_bytes=temp + frozen + opt + 20)
-        return [a.split("=")[0] for a in plan._advice(cfg, r)]
+        return [a.split("=")[0] for a in plan._advice(cfg, r, "fp32")]
 
     frozen_first = advice(temp=100, frozen=1000, opt=10)
     assert frozen_first[:2] == ["--config.training.progressive.frozen_precision",
@@ -151,7 +151,15 @@ def test_advice_follows_the_part_that_dominates(corpus_dir):
     # the cache needs the embedding to stop training after stage 0: not advised otherwise
     every = small_config(corpus_dir, **{"training.train_embedding": "every_stage"})
     r = dict(row, xla_temp_bytes=1, frozen_params_bytes=1000, optimizer_bytes=1, total_bytes=1022)
-    assert not any("cache_activations" in a for a in plan._advice(every, r))
+    assert not any("cache_activations" in a for a in plan._advice(every, r, "fp32"))
+    # Fusion has its own remat and base format; the stages' trunk knobs do not apply to it.
+    fusion = small_config(corpus_dir, **{"training.fusion.steps": 3,
+                                         "training.fusion.base_precision": "fp8",
+                                         "training.fusion.remat": "none"})
+    knobs = [a.split("=")[0] for a in plan._advice(fusion, r, plan.FUSION)]
+    assert knobs[0] == "--config.training.fusion.base_precision"
+    assert "--config.training.fusion.remat" in knobs and "--config.model.remat" not in knobs
+    assert not any("progressive.frozen_precision" in k or "cache_activations" in k for k in knobs)
 
 
 class _Device:
