@@ -159,6 +159,11 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
     config_lib.validate(cfg)
     checkpoint.check_workdir(workdir, cfg)  # a foreign workdir is refused first, untouched
     data.corpus_files(cfg.data)  # a bad glob fails before anything is written
+    summary_path = os.path.join(workdir, "summary.json")
+    if os.path.exists(summary_path):  # finished: nothing to train, nothing to check
+        print(f"{workdir}: run already finished; summary in {summary_path}")
+        with open(summary_path) as f:
+            return json.load(f)
     if device_memory == "auto":
         device_memory = plan_lib.device_memory_bytes()
     if device_memory is not None:
@@ -166,11 +171,6 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
             print(f"memory preflight: {row['phase']}: {row['total_bytes'] / 2**30:.2f} of "
                   f"{device_memory / 2**30:.2f} GiB")
     checkpoint.claim_workdir(workdir, cfg)
-    summary_path = os.path.join(workdir, "summary.json")
-    if os.path.exists(summary_path):
-        print(f"{workdir}: run already finished; summary in {summary_path}")
-        with open(summary_path) as f:
-            return json.load(f)
 
     prepared = data.prepare(cfg, workdir)
     batch_size, seq_len = cfg.data.batch_size, cfg.data.seq_len
