@@ -19,8 +19,10 @@ def get_config():
     c.model.tie_embeddings = False
     c.model.architecture.n_stacks = 80
     c.model.architecture.blocks_per_stack = 1
+    c.data.tokenizer = "llama3"  # Llama-3's own 128,256 ids, [MASK] on a reserved one
     c.data.seq_len = 4096
     c.data.batch_size = 1
+    c.training.grad_accum_steps = 64  # 64 x 4096 tokens per update, one micro-batch's memory
     c.training.learning_rate = 1e-4
     c.training.warmup_steps = 100
     c.training.steps_per_stage = 1000
@@ -31,4 +33,5 @@ def get_config():
     c.training.loss_chunk_size = 256
     c.training.optimizer_state_dtype = "bf16"
     c.training.progressive.frozen_precision = "nf4"
+    c.training.progressive.stack_storage_dtype = "bf16"  # 141 GB of stored stacks, not 282
     return c

@@ -6,74 +6,96 @@ Export:  python -m export.hf --workdir=RUN_DIR --out=OUT_DIR [--dtype=float32|bf
 Import:  python -m export.hf --import_from=HF_DIR --workdir=RUN_DIR --config=configs/x.py
                              [--config.model.KEY=VALUE ...] [--overwrite]
 
-The export streams: it reads one stored array of the Orbax checkpoint at a time and writes
-it to the safetensors file at once, so host memory stays near one layer plus the embedding
-and head whatever the model's size. Both directions write into a temporary directory beside
-the target, renamed into place only when complete (export/dirs.py).
+The export streams: it reads the run's parameters through `stackwise_jax.run.RunParams`,
+group by group (embedding, stack by stack, final norm, head) and array by array from the
+per-stack stores (RUN_DIR/params, memory-mapped), and writes each block of each array to
+the safetensors file at once, so host memory stays near one stored array whatever the
+model's size. Both directions write into a temporary directory beside the target, renamed
+into place only when complete (export/dirs.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
+import numpy as np
 import tqdm
 
 from export import dirs, mapping, stream, tokenizer
 from export.importing import import_hf
-from stackwise_jax import checkpoint
+from stackwise_jax import checkpoint, memory, store
 from stackwise_jax import config as config_lib
 from stackwise_jax.errors import UserError
 
 
 # ----------------------------------------------------------------------------- export
 
-def _finished_params_dir(workdir: str, cfg, allow_unfinished: bool) -> str:
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise UserError(f"'{workdir}' has no checkpoint yet; train first")
-    ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep, create=False)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise UserError(f"'{workdir}' has no checkpoint yet; train first")
-        meta = ckpt.meta(step)
-    finally:
-        ckpt.close()
-    if not meta["done"] and not allow_unfinished:
-        raise UserError(f"'{workdir}' has not finished training (latest checkpoint: stage "
-                        f"{meta['stage']}, step {meta['step']}); finish it with the train command, "
-                        "or pass --allow_unfinished to export the latest checkpoint as it is")
-    params_dir = os.path.join(workdir, "checkpoints", str(step), "params")
-    if not os.path.isdir(params_dir):
-        raise UserError(f"checkpoint {step} in '{workdir}' has no params item")
-    return params_dir
+def _open_run(workdir: str, allow_unfinished: bool):
+    """The run's parameters at its latest checkpoint (stackwise_jax.run.RunParams)."""
+    from stackwise_jax import run as run_lib  # deferred: it pulls in the model and Orbax
+
+    params = run_lib.RunParams(workdir)  # raises: not a run directory, no checkpoint
+    meta = params.meta
+    if not params.finished and not allow_unfinished:
+        raise UserError(f"'{workdir}' has not finished training (latest checkpoint: phase "
+                        f"{meta['stage']}, step {meta['step']}); finish it with the train "
+                        "command, or pass --allow_unfinished to export the latest checkpoint "
+                        "as it is")
+    return params
 
 
-def _check_checkpoint_shapes(reader: stream.CheckpointReader, m) -> None:
-    b = m.architecture.blocks_per_stack
+def _by_group(m) -> dict[str, dict[str, mapping.Tensor]]:
+    """{group: {leaf name: its first HF tensor}}: the arrays the config says each group has."""
+    out: dict = {}
     for t in mapping.all_tensors(m):
-        if t.block not in (None, 0):
-            continue
-        want = ((b,) if t.block is not None else ()) + t.flax_shape
-        got = reader.shape(t.path)
-        if got != want:
-            raise UserError(f"checkpoint tensor {'/'.join(map(str, t.path))} has shape {got} but "
-                            f"the run's config.json needs {want}")
+        out.setdefault(t.group, {}).setdefault(t.leaf, t)
+    return out
+
+
+def _checked_group(params, group: str, want: dict[str, mapping.Tensor]) -> dict:
+    """params.group(group), once its array names and shapes match the config (nothing read)."""
+    arrays = params.group(group)
+    missing = [leaf for leaf in want if leaf not in arrays]
+    extra = [leaf for leaf in arrays if leaf not in want]
+    if missing or extra:
+        what = (f"lack the array '{missing[0]}'" if missing else
+                f"have an array '{extra[0]}' that the config's model does not have")
+        raise UserError(f"the parameters of {store.describe(group)} in '{params.workdir}' "
+                        f"{what}; does the run's config.json match them?")
+    for leaf, t in want.items():
+        got = tuple(arrays[leaf].shape)
+        if got != t.stored_shape:
+            raise UserError(f"stored tensor {group}/{leaf} has shape {got} but the run's "
+                            f"config.json needs {t.stored_shape}")
+    return arrays
+
+
+def _check_stored_groups(params, layout: dict) -> None:
+    """Fails before anything is written if a group's store is missing or does not match
+    the config. Reads manifests only; groups that are not stored (an unfinished run's
+    unborn stacks) come from their initialisation and are checked as they are exported."""
+    for group in params.groups():
+        if params.finished or store.newest(params.workdir, group, params.bound) is not None:
+            _checked_group(params, group, layout[group])
 
 
 def export_run(workdir: str, out_dir: str, dtype: str = "float32", max_shard_size="5GB",
                overwrite: bool = False, allow_unfinished: bool = False,
                progress: bool = True) -> str:
-    """Writes the run's latest (finished) checkpoint to out_dir as an HF Llama directory."""
+    """Writes the run's parameters at its latest (finished) checkpoint to out_dir as an HF
+    Llama directory."""
     if dtype not in stream.DTYPES:
         raise UserError(f"--dtype={dtype!r}: choose one of {', '.join(stream.DTYPES)}")
     max_bytes = stream.parse_size(max_shard_size)
     cfg = checkpoint.read_config(workdir)
     m = cfg.model
     dirs.check_target(out_dir, "--out", overwrite, workdir)
-    reader = stream.CheckpointReader(_finished_params_dir(workdir, cfg, allow_unfinished))
-    _check_checkpoint_shapes(reader, m)
+    params = _open_run(workdir, allow_unfinished)
+    layout = _by_group(m)
+    _check_stored_groups(params, layout)
 
     from transformers import GenerationConfig, LlamaConfig
 
@@ -85,34 +107,36 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32", max_shard_siz
         tensors = mapping.all_tensors(m)
         writer = stream.ShardedWriter(tmp, [(t.hf_name, t.hf_shape) for t in tensors], dtype,
                                       max_bytes)
-        _stream_weights(reader, m, writer, progress)
+        _stream_weights(params, m, layout, writer, progress)
         writer.close()
     return out_dir
 
 
-def _stream_weights(reader, m, writer, progress: bool) -> None:
-    """Embedding, then stack by stack one stored array at a time, then final norm and head."""
+def _stream_weights(params, m, layout: dict, writer, progress: bool) -> None:
+    """Embedding, then stack by stack, then final norm and head: one group open at a time,
+    one stored array read at a time (memory-mapped), written block by block."""
     b = m.architecture.blocks_per_stack
 
-    def write_single(t):
-        array = reader.read(t.path)
-        writer.write(t.hf_name, array.T if t.transpose else array)
-        del array
-        stream.release_memory()
+    def write_group(group: str, tensors: list[mapping.Tensor]) -> None:
+        arrays = _checked_group(params, group, layout[group])
+        for leaf, kind in itertools.groupby(tensors, key=lambda t: t.leaf):  # all its blocks
+            array = np.asarray(arrays.pop(leaf))  # read (checksummed, memory-mapped) here
+            for t in kind:
+                part = array if t.block is None else array[t.block]
+                writer.write(t.hf_name, part.T if t.transpose else part)
+                del part
+            del array
+            memory.release_memory()
+        del arrays
 
-    write_single(mapping.embed_tensor(m))
+    write_group("embed", [mapping.embed_tensor(m)])
     with tqdm.tqdm(total=mapping.n_layers(m), unit="layer", desc="export",
                    disable=not progress) as bar:
         for k in range(m.architecture.n_stacks):
-            tensors = mapping.stack_tensors(m, k)
-            for first in range(0, len(tensors), b):  # one kind of tensor, all blocks
-                group = tensors[first:first + b]
-                for t, block in zip(group, reader.blocks(group[0].path)):
-                    writer.write(t.hf_name, block.T if t.transpose else block)
-                stream.release_memory()
+            write_group(store.stack_group(k), mapping.stack_tensors(m, k))
             bar.update(b)
     for t in mapping.head_tensors(m):
-        write_single(t)
+        write_group(t.group, [t])
 
 
 # ----------------------------------------------------------------------------- import

@@ -1,7 +1,11 @@
-"""HF Llama directory -> a new StackWise run directory (checkpoint 0, ready to train).
+"""HF Llama directory -> a new StackWise run directory (ready to train).
 
 The config gives the stack partition; every HF value and tensor shape is checked against
-it first, so a mismatch stops the import before anything is written.
+it first, so a mismatch stops the import before anything is written. The weights become
+parameter stores of version 0 (RUN_DIR/params/<group>/v00000, stackwise_jax/store.py),
+written one group at a time, so host memory holds at most one stack; stage 0 of the
+trainer loads them instead of initialising. The checkpoint at global step 0 holds only
+meta (stage 0, step 0) and an empty data state.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import numpy as np
 import tqdm
 
 from export import dirs, mapping, stream, tokenizer
-from stackwise_jax import checkpoint
+from stackwise_jax import checkpoint, memory, store
 from stackwise_jax.errors import UserError
 
 IMPORT_META = {"stage": 0, "step": 0, "global_step": 0, "done": False, "stages": [],
-               "stage_wall_s": 0.0, "stage_tokens": 0}
+               "stage_wall_s": 0.0, "stage_tokens": 0, "stage_nonfinite": 0}
+IMPORT_VERSION = 0  # stores no phase wrote: read by phase 0 on (store.py)
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)  # buffers some old Llama checkpoints saved
 
 
@@ -64,9 +69,10 @@ def _hf_tensors(hf_dir: str, hf, m) -> dict[str, str]:
     return {n: files[n] for n in want}
 
 
-def _load_params(files: dict[str, str], m, hf_vocab: int, progress: bool) -> dict:
-    """The Rack's parameter dict (float32), one HF tensor read at a time."""
-    import jax
+def _write_stores(files: dict[str, str], m, hf_vocab: int, run_dir: str, stack_dtype: str,
+                  progress: bool) -> None:
+    """The HF weights as the run's version-0 stores: the embedding, final norm and head in
+    float32, each stack in `stack_dtype`; one HF tensor read at a time, one group in memory."""
     from safetensors import safe_open
 
     def get(name):
@@ -79,30 +85,35 @@ def _load_params(files: dict[str, str], m, hf_vocab: int, progress: bool) -> dic
             return matrix_VxD
         return np.concatenate([matrix_VxD, np.repeat(matrix_VxD.mean(0, keepdims=True), extra, 0)])
 
-    params = {"embed": {"embedding": jax.device_put(rows(get("model.embed_tokens.weight")))},
-              "final_norm": {"weight": jax.device_put(get("model.norm.weight"))}, "stacks": {}}
-    if not m.tie_embeddings:
-        params["head"] = {"kernel": jax.device_put(rows(get("lm_head.weight")).T)}
-    b = m.architecture.blocks_per_stack
+    store.write(run_dir, "embed", IMPORT_VERSION,
+                {"embedding": rows(get(mapping.embed_tensor(m).hf_name))}, "fp32")
+    for t in mapping.head_tensors(m):  # final norm, and the head unless tied
+        array = get(t.hf_name)
+        array = rows(array).T if t.group == "head" else array
+        store.write(run_dir, t.group, IMPORT_VERSION, {t.leaf: array}, "fp32")
+        del array
     with tqdm.tqdm(total=mapping.n_layers(m), unit="layer", desc="import",
                    disable=not progress) as bar:
         for k in range(m.architecture.n_stacks):
-            tensors = mapping.stack_tensors(m, k)
-            for first in range(0, len(tensors), b):
-                group = tensors[first:first + b]
-                stacked = np.stack([get(t.hf_name).T if t.transpose else get(t.hf_name)
-                                    for t in group])
-                node = params["stacks"]
-                for key in group[0].path[1:-1]:
+            tree: dict = {}
+            for t in mapping.stack_tensors(m, k):
+                *parents, leaf = t.leaf.split(".")
+                node = tree
+                for key in parents:
                     node = node.setdefault(key, {})
-                node[group[0].path[-1]] = jax.device_put(stacked)
-            bar.update(b)
-    return params
+                if leaf not in node:
+                    node[leaf] = np.empty(t.stored_shape, np.float32)
+                node[leaf][t.block] = get(t.hf_name).T if t.transpose else get(t.hf_name)
+            store.write(run_dir, store.stack_group(k), IMPORT_VERSION, tree, stack_dtype)
+            del tree
+            memory.release_memory()
+            bar.update(m.architecture.blocks_per_stack)
 
 
 def import_hf(hf_dir: str, workdir: str, cfg, overwrite: bool = False,
               progress: bool = True) -> str:
-    """Writes a run directory holding the HF Llama checkpoint in hf_dir as its step 0."""
+    """Writes a new run directory holding the HF Llama checkpoint in hf_dir, ready to train
+    (version-0 stores, checkpoint 0 at stage 0, step 0)."""
     m = cfg.model
     hf = _read_hf_config(hf_dir)
     mapping.check_hf_config(hf, cfg)
@@ -118,8 +129,9 @@ def import_hf(hf_dir: str, workdir: str, cfg, overwrite: bool = False,
                 f"model.vocab_size={m.vocab_size}. Set --config.model.vocab_size={tok.vocab_size}:"
                 f" the embedding{'' if m.tie_embeddings else ' and head'} then get "
                 f"{max(added, 0)} new row(s), started as the mean row")
-        params = _load_params(files, m, hf.vocab_size, progress)
+        _write_stores(files, m, hf.vocab_size, tmp, cfg.training.progressive.stack_storage_dtype,
+                      progress)
         ckpt = checkpoint.Checkpointer(tmp, cfg.checkpoint.max_to_keep)
-        ckpt.save(0, params, meta=dict(IMPORT_META), data_state={})
+        ckpt.save(0, dict(IMPORT_META), data_state={})
         ckpt.close()
     return workdir

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from stackwise_jax import store
 from stackwise_jax.errors import UserError
 
 # (name inside HF's model.layers.N, path inside the Flax stacks/<k>/blocks, transpose)
@@ -33,10 +34,26 @@ class Tensor:
     path: tuple  # path in the params pure dict (stack index as int)
     block: int | None  # index on the stacked leading axis, None outside stacks
     transpose: bool
+    n_blocks: int = 1  # length of that axis (blocks_per_stack) for a layer tensor
 
     @property
     def flax_shape(self) -> tuple[int, ...]:
         return self.hf_shape[::-1] if self.transpose else self.hf_shape
+
+    @property
+    def group(self) -> str:
+        """The parameter group (store) holding it: embed, final_norm, head or stack_NNNNN."""
+        return store.stack_group(self.path[1]) if self.path[0] == "stacks" else self.path[0]
+
+    @property
+    def leaf(self) -> str:
+        """Its array's name inside the group's store, e.g. 'blocks.attn.q_proj.kernel'."""
+        return ".".join(map(str, self.path[2:] if self.path[0] == "stacks" else self.path[1:]))
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of that array: blocks_per_stack blocks stacked for a layer tensor."""
+        return self.flax_shape if self.block is None else (self.n_blocks,) + self.flax_shape
 
 
 def _layer_shapes(m) -> dict[str, tuple[int, int] | tuple[int]]:
@@ -71,7 +88,7 @@ def stack_tensors(m, k: int) -> list[Tensor]:
     """Stack k's tensors, kind by kind (each stored array is read once), block by block."""
     b, shapes = m.architecture.blocks_per_stack, _layer_shapes(m)
     return [Tensor(f"model.layers.{k * b + i}.{name}", shapes[name], ("stacks", k, "blocks") + sub,
-                   i, transpose)
+                   i, transpose, b)
             for name, sub, transpose in LAYER_TENSORS for i in range(b)]
 
 

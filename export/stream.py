@@ -1,14 +1,12 @@
-"""Streaming reads from an Orbax params item and streaming writes of safetensors files.
+"""Streaming writes of safetensors files, and reading an HF directory's file index.
 
-Neither side ever holds the whole model: `CheckpointReader` opens one stored array at a time
-with TensorStore (the library Orbax writes with) instead of restoring the tree, and
-`ShardedWriter` writes each tensor's bytes to disk as soon as it has them, after a header
-computed up front from the shapes alone.
+`ShardedWriter` never holds the whole model: it computes each file's header up front from
+the shapes alone and writes each tensor's bytes to disk as soon as it has them (the export
+reads them one stored array at a time from the run's parameter stores, stackwise_jax/run.py).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -16,74 +14,11 @@ import struct
 
 import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
-import tensorstore as ts
-from etils import epath
 
 from stackwise_jax.errors import UserError
 
 DTYPES = {"float32": (np.dtype(np.float32), "F32"),
           "bfloat16": (np.dtype(ml_dtypes.bfloat16), "BF16")}
-
-
-class CheckpointReader:
-    """Single arrays (or their blocks) of an Orbax checkpoint item, read without the rest."""
-
-    def __init__(self, item_dir: str):
-        self.dir = os.path.abspath(item_dir)
-        try:
-            metadata = ocp.PyTreeCheckpointer().metadata(self.dir)
-        except (FileNotFoundError, ValueError) as e:
-            raise UserError(f"cannot read checkpoint parameters in '{self.dir}': {e}") from None
-        self._tree = getattr(metadata, "item_metadata", metadata)  # older Orbax: the tree
-        with open(os.path.join(self.dir, "_METADATA")) as f:
-            self._use_zarr3 = bool(json.load(f).get("use_zarr3", False))
-        self._use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(self.dir))
-        self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._use_ocdbt)
-
-    def _metadata(self, path: tuple):
-        node = self._tree
-        try:
-            for key in path:
-                node = node[str(key)]
-        except (KeyError, TypeError):
-            raise UserError(f"the checkpoint in '{self.dir}' has no parameter "
-                            f"{'/'.join(map(str, path))}; does its config.json match it?") from None
-        return node
-
-    def shape(self, path: tuple) -> tuple[int, ...]:
-        return tuple(self._metadata(path).shape)
-
-    def _open(self, path: tuple):
-        info = ocp.type_handlers.ParamInfo(name=self._metadata(path).name,
-                                           parent_dir=epath.Path(self.dir),
-                                           use_zarr3=self._use_zarr3, ts_context=self._context)
-        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
-        return ts.open(spec, context=self._context, open=True, read=True).result()
-
-    def read(self, path: tuple) -> np.ndarray:
-        return self._open(path).read().result()
-
-    def blocks(self, path: tuple):
-        """Yields a stacked array's blocks in order, holding at most one stored chunk."""
-        array = self._open(path)
-        if array.chunk_layout.read_chunk.shape[0] == 1:  # one block per chunk: read each alone
-            for i in range(array.shape[0]):
-                yield array[i].read().result()
-        else:  # a chunk spans blocks: decode it once, not once per block
-            whole = array.read().result()
-            for i in range(whole.shape[0]):
-                yield whole[i]
-            del whole
-
-
-def release_memory() -> None:
-    """Hands freed heap pages back to the OS (glibc keeps them per thread arena otherwise,
-    which over a long export adds up to ~100 MB of RSS). A no-op off glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 # -------------------------------------------------------------------------- safetensors

@@ -1,20 +1,34 @@
-"""Measured speed and memory of the stack step: one stack trained from cached inputs.
+"""Measured speed and memory of the stack step: the last stage's jitted train step.
 
-Runs the real jitted train step the trainer uses in cache mode (train.make_train_step over
-cache.make_cached_loss_fn, one-stack Rack, partition of the last stage) on random real
-parameters and batches, and reports compile time, median step time, tokens/s, model
-TFLOP/s, MFU, the measured peak memory and the planner's estimate for the same shape.
+Runs the step the trainer runs (step.build over phases.stage(cfg, last stage)): by default
+one stack trained from cached inputs (training.progressive.cache_activations=True), or with
+--trunk=FMT the same stage trained from tokens with the frozen trunk (every stack below it)
+resident in FMT. Parameters are real arrays, born as the trainer births them
+(resident.init_top / init_stack, on the host, then put on the device) and checked against
+the shapes the trainer and planner use (resident.abstract_trainable / abstract_frozen); the
+optimizer state is optim.init_state's. It reports compile time, median step time, tokens/s,
+model TFLOP/s, MFU, the measured peak memory and the planner's estimate for the same step.
 
     python scripts/bench_stack.py                       # 70b on a GPU, small on a CPU
     python scripts/bench_stack.py --shape=tiny,small --steps=3 --out=bench.json
     python scripts/bench_stack.py --shape=70b --remat=full --loss_chunk_size=512
+    python scripts/bench_stack.py --shape=70b --trunk=nf4   # 79 frozen layers resident in nf4
 
 Shapes (--shape, comma-separated; flags such as --d_model override every preset):
   70b     d_model 8192, d_ff 28672, 64 heads, 8 KV, vocab 128256, seq 4096 (Llama-3-70B)
   medium  d_model 2048, d_ff 7168, 16 heads, 2 KV, vocab 32000, seq 2048 (70B proportions)
   small   d_model 1024, d_ff 3584, 16 heads, 2 KV, vocab 32000, seq 1024
   tiny    d_model 256,  d_ff 896,  4 heads,  1 KV, vocab 4096,  seq 256
-All have batch 1 and one block per stack, as configs/llama70b.py.
+All have batch 1, one micro-batch per step (--accum=1; configs/llama70b.py accumulates 64:
+--accum=64 times a whole update) and one block per stack, as configs/llama70b.py, whose 80
+stacks make the stage timed the 80th (--stacks changes that, and the trunk's depth).
+
+Batches: from the cache, hidden states float32 normal, random targets, half the positions
+masked, t = 0.5 (the rows the cache reader hands the step); from tokens, random ids (the
+step draws the masks). With --trunk, the trunk's stacks are copies of one initialised stack
+in the trunk's resident layout (quant.quantize_tree of its blocks, tiled on the block
+axis): time and memory do not depend on the values, and a 79-layer 70B trunk is built in
+seconds.
 
 Each shape runs in its own subprocess, so its peak memory is its own: on a GPU the
 allocator's peak_bytes_in_use, on a CPU the process's peak resident set (VmHWM: host RSS,
@@ -22,16 +36,17 @@ which includes the compiler and Python). The step is compiled ahead of time once
 (lower + compile, reported as compile s), warmed up for 2 steps, then --steps steps are
 timed, each waiting for all its outputs (jax.block_until_ready).
 
-Model FLOPs are plan.model_flops_per_token (trained stack and head, 3 forwards each; remat
-recomputation not counted). MFU is against --peak_tflops; by default the dense peak of the
-device for the compute dtype (H100/H200: 989 bf16, 495 TF32), and on a CPU the best of a
-few 2048x2048 matmuls in the compute dtype, measured here (so CPU MFU is relative to what
-XLA:CPU's own matmul reaches on this machine, not to a datasheet).
+Model FLOPs are plan.flops_per_token (trained stack and head 3 forwards each, a frozen
+trunk 1; remat recomputation not counted). MFU is against --peak_tflops; by default the
+dense peak of the device for the compute dtype (H100/H200: 989 bf16, 495 TF32), and on a
+CPU the best of a few 2048x2048 matmuls in the compute dtype, measured here (so CPU MFU is
+relative to what XLA:CPU's own matmul reaches on this machine, not to a datasheet).
 
-"planner estimate" is what `python -m stackwise_jax.plan` reports for this step: XLA's
-memory_analysis of the step compiled by the CPU compiler on these shapes (arguments +
-temporaries + outputs - aliased). On a GPU the GPU compiler's own memory_analysis of the
-step being run is reported next to it ("XLA est. here").
+"planner estimate" is what `python -m stackwise_jax.plan` computes for this phase
+(plan.analyze, the CPU compiler on abstract shapes): its step total (arguments +
+temporaries + outputs - aliased); the JSON also has the planner row's total, which counts
+the phase's other holds (cache build, evaluation). "XLA est. here" (on a GPU) is the GPU
+compiler's own memory_analysis of the step being run.
 
 Any config key can be overridden as for the trainer: --config.training.learning_rate=1e-4.
 The base config is configs/llama70b.py with training.progressive.cache_activations=True.
@@ -58,11 +73,15 @@ PRESETS = {
     "small": dict(d_model=1024, d_ff=3584, n_heads=16, n_kv_heads=2, vocab=32000, seq_len=1024),
     "tiny": dict(d_model=256, d_ff=896, n_heads=4, n_kv_heads=1, vocab=4096, seq_len=256),
 }
-SHAPE_KEYS = ("d_model", "d_ff", "n_heads", "n_kv_heads", "vocab", "seq_len", "batch", "blocks")
+SHAPE_KEYS = ("d_model", "d_ff", "n_heads", "n_kv_heads", "vocab", "seq_len", "batch", "accum",
+              "blocks", "stacks")
 CONFIG_KEYS = {"d_model": "model.d_model", "d_ff": "model.d_ff", "n_heads": "model.n_heads",
                "n_kv_heads": "model.n_kv_heads", "vocab": "model.vocab_size",
                "seq_len": "data.seq_len", "batch": "data.batch_size",
-               "blocks": "model.architecture.blocks_per_stack"}
+               "accum": "training.grad_accum_steps",
+               "blocks": "model.architecture.blocks_per_stack",
+               "stacks": "model.architecture.n_stacks"}
+TRUNKS = ("cache", "fp32", "bf16", "fp8", "nf4")
 
 # Dense peak TFLOP/s by (device kind substring, compute dtype); fp32 matmuls on these GPUs
 # run as TF32 under JAX's default precision.
@@ -74,7 +93,7 @@ GPU_PEAKS = [("H200", {"bf16": 989.0, "fp32": 495.0}),
 def shape_of(name: str, args) -> dict:
     if name not in PRESETS:
         raise SystemExit(f"--shape: unknown shape {name!r}; choose from {', '.join(PRESETS)}")
-    s = dict(PRESETS[name], batch=1, blocks=1)
+    s = dict(PRESETS[name], batch=1, accum=1, blocks=1)
     for k in SHAPE_KEYS:
         if getattr(args, k) is not None:
             s[k] = getattr(args, k)
@@ -88,7 +107,7 @@ def _measure_matmul_tflops(dtype_name: str, n: int = 2048, reps: int = 5) -> flo
     import jax
     import jax.numpy as jnp
 
-    from stackwise_jax.stages import COMPUTE_DTYPES
+    from stackwise_jax.resident import COMPUTE_DTYPES
 
     dtype = COMPUTE_DTYPES[dtype_name]
     ka, kb = jax.random.split(jax.random.key(0))
@@ -151,37 +170,120 @@ def _memory_total(compiled) -> dict:
             "alias_bytes": int(mem.alias_size_in_bytes)}
 
 
-def _cpu_planner_estimate(step, trainable, frozen, opt_state, batch) -> dict:
-    """plan.py's number for this step: compiled by the CPU compiler on abstract shapes."""
+def _planner_estimate(cfg, key: str, phase) -> dict:
+    """plan.py's row for this phase: the same step built by step.build and compiled by the
+    CPU compiler on abstract shapes (forced onto the CPU on a GPU host, as the planner runs
+    before renting one)."""
     import jax
 
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    from stackwise_jax import plan
 
-    def abstract(tree):
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), tree)
-
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=cpu)
+    planned_cfg, planned = plan.planned_phase(cfg, key)
+    if planned != phase:  # the planner and this benchmark must time the same phase
+        raise AssertionError(f"planner key {key!r} plans {planned}, the benchmark runs {phase}")
     t0 = time.perf_counter()
-    compiled = step.lower(abstract(trainable), abstract(frozen), abstract(opt_state),
-                          abstract(batch), key).compile()
-    return {**_memory_total(compiled), "compile_s": time.perf_counter() - t0}
+    with jax.default_device(jax.devices("cpu")[0]):
+        row = plan.analyze(planned_cfg, key, budget=0, planned=(planned_cfg, planned))
+    return {"total_bytes": row["step_total_bytes"], "row_total_bytes": row["total_bytes"],
+            "xla_temp_bytes": row["xla_temp_bytes"], "holds": row["holds"],
+            "compile_s": time.perf_counter() - t0}
+
+
+def _same_shapes(what: str, real, abstract) -> None:
+    """real must have abstract's tree structure, shapes and dtypes (what the trainer holds)."""
+    import jax
+
+    def sig(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef, [(tuple(x.shape), str(x.dtype)) for x in leaves]
+
+    if sig(real) != sig(abstract):
+        raise AssertionError(f"{what}: the benchmark's arrays differ from the trainer's shapes\n"
+                             f"  here:    {sig(real)}\n  trainer: {sig(abstract)}")
+
+
+def _tiled_trunk(cfg, phase):
+    """The frozen trunk in its resident layout (resident.assemble_trunk's: the stacks'
+    blocks concatenated on the block axis, kernels quantised to trunk_format): one
+    initialised stack, converted with quant.quantize_tree, tiled len(trunk_stacks) times."""
+    import jax
+    import jax.numpy as jnp
+
+    from stackwise_jax import quant, resident
+
+    blocks = resident.init_stack(cfg, phase.trunk_stacks[0])["blocks"]
+    blocks = jax.tree.map(lambda x: x.astype(jnp.float32), blocks)
+    piece = blocks if phase.trunk_format == "fp32" else quant.quantize_tree(blocks,
+                                                                             phase.trunk_format)
+    del blocks
+    n = len(phase.trunk_stacks)
+    return jax.tree.map(lambda x: jnp.concatenate([x] * n, axis=0) if n > 1 else x, piece)
+
+
+def real_state(cfg, phase):
+    """(trainable, frozen) of `phase` as real arrays on the default device. Born as the
+    trainer births a group no phase has stored yet (resident.init_top / init_stack: the
+    run's seed, float32 master weights; frozen top groups in the compute dtype), on the
+    host, so the device holds only what the phase holds."""
+    import jax
+
+    from stackwise_jax import resident
+
+    device, host = jax.devices()[0], jax.devices("cpu")[0]
+    with jax.default_device(host):
+        top = resident.init_top(cfg) if phase.train_top or phase.frozen_top else {}
+        trainable = {g: top[g] for g in sorted(phase.train_top)}
+        if phase.trained_stacks:
+            trainable["stacks"] = {i: resident.init_stack(cfg, k)
+                                   for i, k in enumerate(phase.trained_stacks)}
+        dtype = resident.compute_dtype(cfg)
+        frozen = {g: resident.cast_floats(top[g], dtype) for g in sorted(phase.frozen_top)
+                  if g != "embed" or phase.needs_embedding}
+        del top
+    trainable = jax.device_put(trainable, device)
+    frozen = jax.device_put(frozen, device)
+    if phase.trunk_stacks:  # built on the device: a 70B trunk need not fit the host twice
+        frozen["trunk"] = _tiled_trunk(cfg, phase)
+    _same_shapes("trainable", trainable, resident.abstract_trainable(cfg, phase))
+    _same_shapes("frozen", frozen, resident.abstract_frozen(cfg, phase))
+    return trainable, frozen
+
+
+def _batch(cfg, phase, mask_id: int):
+    """What the trainer hands the step: token ids, or cache rows with hidden as float32."""
+    import jax
+    import jax.numpy as jnp
+
+    R = cfg.data.batch_size * cfg.training.grad_accum_steps
+    L, D = cfg.data.seq_len, cfg.model.d_model
+    kh, kt, km, ki = jax.random.split(jax.random.key(1), 4)
+    if phase.inputs == "tokens":
+        return jax.random.randint(ki, (R, L), 0, mask_id, jnp.int32)
+    masked = jax.random.bernoulli(km, 0.5, (R, L))
+    targets = jax.random.randint(kt, (R, L), 0, mask_id, jnp.int32)
+    return {"hidden": jax.random.normal(kh, (R, L, D), jnp.float32),
+            "inputs": jnp.where(masked, mask_id, targets), "targets": targets,
+            "masked": masked, "t": jnp.full((R,), 0.5, jnp.float32)}
 
 
 def run_shape(name: str, shape: dict, args, peak_tflops) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    from stackwise_jax import cache, config, plan, stages, train
-    from stackwise_jax.model import Rack
+    from stackwise_jax import config, optim, phases, plan, step as step_lib
 
     jax.devices()  # backend up: what the process holds before the step exists
     rss_start = _host_rss_bytes("VmRSS") if jax.default_backend() == "cpu" else None
     overrides = {CONFIG_KEYS[k]: str(v) for k, v in shape.items()}
-    overrides.update({"training.progressive.cache_activations": "True",
+    cached = args.trunk == "cache"
+    # No text is read: 'bpe' lifts the llama3 tokenizer's floor of 128256 ids off the
+    # smaller vocabularies.
+    overrides.update({"data.tokenizer": "bpe",
+                      "training.progressive.cache_activations": str(cached),
                       "training.progressive.new_stack_precision": args.precision,
                       "model.remat": args.remat})
+    if not cached:
+        overrides["training.progressive.frozen_precision"] = args.trunk
     # Chunk sizes: as given, else configs/llama70b.py's where they divide this seq_len.
     base = config.load(os.path.join(REPO, "configs", "llama70b.py"))
     seq_len = shape.get("seq_len", base.data.seq_len)
@@ -193,24 +295,16 @@ def run_shape(name: str, shape: dict, args, peak_tflops) -> dict:
         overrides[key] = str(chunk)
     overrides.update(args.config_overrides)
     cfg = config.load(os.path.join(REPO, "configs", "llama70b.py"), overrides)
-    B, L, D = cfg.data.batch_size, cfg.data.seq_len, cfg.model.d_model
-    stage_plan = stages.plan_stage(cfg, config.n_stages(cfg) - 1)
-    partition = cache.cached_partition(cfg.model, stage_plan)
+    phase = phases.stage(cfg, config.n_stages(cfg) - 1)
+    planner_key = (plan.CACHED if phase.inputs == "cache"
+                   else cfg.training.progressive.frozen_precision)
+    mask_id = cfg.model.vocab_size - 1  # any id: the step only writes it where it masks
 
-    rack = Rack(cache.one_stack_config(cfg.model), nnx.Rngs(0))
-    params = nnx.to_pure_dict(nnx.state(rack, nnx.Param))
-    del rack
-    trainable, frozen = partition.split(params)
-    del params
-    tx = train.make_optimizer(cfg.training, 1000)
-    opt_state = tx.init(trainable)
-    step = train.make_train_step(cache.make_cached_loss_fn(cfg, partition), tx)
-
-    kh, kt, km = jax.random.split(jax.random.key(1), 3)
-    batch = {"hidden": jax.random.normal(kh, (B, L, D), jnp.float32),
-             "targets": jax.random.randint(kt, (B, L), 0, cfg.model.vocab_size, jnp.int32),
-             "masked": jax.random.bernoulli(km, 0.5, (B, L)),
-             "t": jnp.full((B,), 0.5, jnp.float32)}
+    tx = optim.make_optimizer(cfg.training, config.steps_in_stage(cfg))
+    step, _ = step_lib.build(cfg, phase, tx, mask_id)
+    trainable, frozen = real_state(cfg, phase)
+    opt_state = optim.init_state(tx, trainable, cfg.training)
+    batch = _batch(cfg, phase, mask_id)
     key = jax.random.key(2)
     n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
 
@@ -219,30 +313,29 @@ def run_shape(name: str, shape: dict, args, peak_tflops) -> dict:
     compile_s = time.perf_counter() - t0
     here = _memory_total(compiled)
     backend = jax.default_backend()
-    if backend == "cpu":
-        planner = dict(here, compile_s=0.0, note="same compile as the measured step")
-    elif args.no_planner_estimate:
+    if backend != "cpu" and args.no_planner_estimate:
         planner = None
     else:
         try:
-            planner = _cpu_planner_estimate(step, trainable, frozen, opt_state, batch)
-        except Exception as e:  # report, keep the measurement
+            planner = _planner_estimate(cfg, planner_key, phase)
+        except Exception as e:  # noqa: BLE001  (report, keep the measurement)
             planner = {"error": f"{type(e).__name__}: {e}"}
 
-    losses, times = [], []
+    losses, finite, times = [], [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        trainable, opt_state, loss = compiled(trainable, frozen, opt_state, batch,
-                                              jax.random.fold_in(key, i))
-        jax.block_until_ready((trainable, opt_state, loss))
+        trainable, opt_state, loss, ok = compiled(trainable, frozen, opt_state, batch,
+                                                  jax.random.fold_in(key, i))
+        jax.block_until_ready((trainable, opt_state, loss, ok))
         dt = time.perf_counter() - t0
         losses.append(float(loss))
+        finite.append(bool(ok))
         if i >= args.warmup:
             times.append(dt)
 
     step_s = statistics.median(times)
-    tokens = B * L
-    flops_per_token = plan.model_flops_per_token(cfg, stage_plan, trunk_runs=False)
+    tokens = cfg.data.batch_size * cfg.training.grad_accum_steps * cfg.data.seq_len
+    flops_per_token = plan.flops_per_token(cfg, phase)
     tflops = flops_per_token * tokens / step_s / 1e12
     dev = jax.devices()[0]
     if backend == "cpu":
@@ -252,6 +345,9 @@ def run_shape(name: str, shape: dict, args, peak_tflops) -> dict:
         peak_mem, mem_kind = stats.get("peak_bytes_in_use"), "device peak_bytes_in_use"
     return {
         "shape": name, **shape, "precision": args.precision, "remat": args.remat,
+        "phase": phase.describe(), "inputs": phase.inputs,
+        "trunk": ({"stacks": len(phase.trunk_stacks), "format": phase.trunk_format}
+                  if phase.trunk_stacks else None),
         "loss_chunk_size": cfg.training.loss_chunk_size,
         "attention_chunk_size": cfg.model.attention_chunk_size,
         "optimizer_state_dtype": cfg.training.optimizer_state_dtype, "config_overrides": overrides,
@@ -264,7 +360,8 @@ def run_shape(name: str, shape: dict, args, peak_tflops) -> dict:
         "peak_memory_bytes": peak_mem, "peak_memory_kind": mem_kind,
         "host_rss_at_start_bytes": rss_start,
         "xla_estimate_here": here, "planner_estimate": planner,
-        "losses": losses, "loss_finite": all(np.isfinite(losses)),
+        "losses": losses, "steps_finite": finite,
+        "loss_finite": all(np.isfinite(losses)) and all(finite),
     }
 
 
@@ -287,8 +384,10 @@ def table(rows: list[dict], info: dict, args) -> str:
             lines.append(f"| {r['shape']} | failed: {r['error']} |")
             continue
         pl = r["planner_estimate"] or {}
+        accum = f" x {r['accum']}" if r.get("accum", 1) != 1 else ""
         line = (f"| {r['shape']} | {r['d_model']} / {r['d_ff']} / {r['n_heads']} / {r['n_kv_heads']}"
-                f" / {r['vocab']} | {r['batch']} x {r['seq_len']} | {r['trainable_params'] / 1e6:.1f}M | "
+                f" / {r['vocab']} | {r['batch']}{accum} x {r['seq_len']} | "
+                f"{r['trainable_params'] / 1e6:.1f}M | "
                 f"{r['compile_s']:.1f} | {r['median_step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
                 f"{r['model_tflops_per_s']:.3g} | "
                 f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
@@ -300,11 +399,14 @@ def table(rows: list[dict], info: dict, args) -> str:
             line += f"{r['xla_estimate_here']['total_bytes'] / GIB:.2f} | "
         line += f"{_fmt(pl.get('total_bytes') and pl['total_bytes'] / GIB, '.2f')} |"
         lines.append(line)
+    ok = [r for r in rows if "error" not in r]
+    first = ok[0] if ok else {}
     notes = [f"device: {info['device_kind']} ({info['backend']}), jax {info['jax']}; "
              f"compute {args.precision}, remat {args.remat}, loss_chunk_size "
-             f"{rows[0].get('loss_chunk_size', 'n/a')}, attention_chunk_size "
-             f"{rows[0].get('attention_chunk_size', 'n/a')}, Adam moments "
-             f"{rows[0].get('optimizer_state_dtype', 'n/a')}",
+             f"{first.get('loss_chunk_size', 'n/a')}, attention_chunk_size "
+             f"{first.get('attention_chunk_size', 'n/a')}, Adam moments "
+             f"{first.get('optimizer_state_dtype', 'n/a')}",
+             "step: " + ("; ".join(f"{r['shape']}: {r['phase']}" for r in ok) or "n/a"),
              f"MFU peak: {_fmt(info['peak_tflops'], '.3g')} TFLOP/s ({info['peak_source']})"]
     if "cpu_fp32_matmul_tflops" in info:
         notes.append(f"(fp32 2048^3 matmul on this CPU: {info['cpu_fp32_matmul_tflops']:.3g} TFLOP/s)")
@@ -312,13 +414,14 @@ def table(rows: list[dict], info: dict, args) -> str:
         notes.append("measured peak = the shape's process peak resident set (VmHWM), host RSS: "
                      "it includes Python, the JAX runtime, the XLA compiler and the parameters as "
                      "initialised; 'above start' subtracts the resident set once the backend was up")
+    notes.append("planner estimate = plan.analyze's step total for this phase (CPU compiler)")
     return "\n".join(lines + [""] + notes)
 
 
 def _worker_argv(args, name: str, result_path: str, peak) -> list[str]:
     argv = [sys.executable, os.path.abspath(__file__), f"--shape={name}", f"--_result={result_path}",
             f"--steps={args.steps}", f"--warmup={args.warmup}", f"--precision={args.precision}",
-            f"--remat={args.remat}"]
+            f"--remat={args.remat}", f"--trunk={args.trunk}"]
     for flag in ("loss_chunk_size", "attention_chunk_size"):
         if getattr(args, flag) is not None:
             argv.append(f"--{flag}={getattr(args, flag)}")
@@ -349,7 +452,12 @@ def main(argv=None):
                     help="comma-separated presets: 70b, medium, small, tiny "
                          "(default: 70b on a GPU, small on a CPU)")
     for k in SHAPE_KEYS:
-        ap.add_argument(f"--{k}", type=int, default=None, help=f"override the preset's {k}")
+        ap.add_argument(f"--{k}", type=int, default=None,
+                        help=f"override the preset's {k} ({CONFIG_KEYS[k]})")
+    ap.add_argument("--trunk", default="cache", choices=TRUNKS,
+                    help="cache: the last stage trains from the activation cache (no trunk); "
+                         "fp32/bf16/fp8/nf4: from tokens, every stack below it frozen and "
+                         "resident in that format (training.progressive.frozen_precision)")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"),
                     help="training.progressive.new_stack_precision (compute dtype)")
     ap.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
@@ -391,6 +499,7 @@ def main(argv=None):
         # Probe in a subprocess too: a GPU client in this process would hold device memory.
         probe_path = os.path.join(tmp, "probe.json")
         code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+                f"sys.path.insert(0, {REPO!r}); "
                 f"import bench_stack as b; json.dump(b.probe({args.precision!r}), "
                 f"open({probe_path!r}, 'w'))")
         subprocess.run([sys.executable, "-c", code], check=True, env=env)
@@ -404,7 +513,7 @@ def main(argv=None):
         rows = []
         for n in names:
             path = os.path.join(tmp, f"{n}.json")
-            print(f"--- {n}: {shape_of(n, args)}", flush=True)
+            print(f"--- {n}: {shape_of(n, args)}, trunk {args.trunk}", flush=True)
             t0 = time.perf_counter()
             proc = subprocess.run(_worker_argv(args, n, path, info["peak_tflops"]), env=env)
             if os.path.exists(path):

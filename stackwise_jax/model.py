@@ -226,13 +226,13 @@ class Rack(nnx.Module):
     def run_trunk(self, trunk_blocks, x_BxLxD, mode: str, adapters=None, lora_alpha=0.0,
                   remat: str = "none"):
         """Applies layers given as one tree of blocks stacked on a leading axis (frozen
-        stacks concatenated, see stages.store_frozen): one scan over every layer. With
+        stacks concatenated, see resident.assemble_trunk): one scan over every layer. With
         LoRA adapters (fusion), gradients reach them through every layer; `remat` says
         what each layer keeps for that backward pass."""
         causal = _check_mode(mode)
         m = self.config
         cos_LxE, sin_LxE = rope_cos_sin(x_BxLxD.shape[1], m.d_model // m.n_heads, m.rope_theta)
-        graphdef = nnx.graphdef(self.stacks[0].blocks)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(m, nnx.Rngs(0))))
         return scan_blocks(graphdef, trunk_blocks, x_BxLxD, cos_LxE, sin_LxE, causal, remat,
                            adapters, lora_alpha)
 

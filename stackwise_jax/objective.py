@@ -97,20 +97,46 @@ def ce_sums(hidden_BxLxD, logits_fn, targets_BxL, valid_BxL, chunk: int):
     return sums_B
 
 
-def masked_diffusion_loss_from_hidden(hidden_BxLxD, logits_fn, targets_BxL, masked_BxL, t_B,
-                                      weighting: str, chunk: int = 0):
-    """masked_diffusion_loss(logits_fn(hidden), ...), optionally chunked over positions."""
-    sums_B = ce_sums(hidden_BxLxD, logits_fn, targets_BxL, masked_BxL, chunk)
+# ------------------------------------------------------------- prepared batches, one loss
+#
+# A step's batch is first "prepared": inputs (what the model reads), targets, valid (the
+# positions that count) and t, for the whole batch at once. Its loss is then a numerator
+# that sums over sequences, divided by a denominator that depends only on the prepared
+# batch: so a batch split into micro-batches (gradient accumulation) gives exactly the
+# gradient of the whole batch, each micro-batch's numerator divided by the whole batch's
+# denominator.
+
+
+def prepare_tokens(key, ids_BxL, objective: str, mask_range, mask_id: int) -> dict:
+    """Masked diffusion: masks drawn with `key` over the whole batch. Causal: position i
+    predicts token i + 1; the last position predicts nothing."""
+    B, L = ids_BxL.shape
+    if objective == "causal":
+        return {"inputs": ids_BxL, "targets": jnp.roll(ids_BxL, -1, axis=1),
+                "valid": jnp.broadcast_to(jnp.arange(L) < L - 1, (B, L)),
+                "t": jnp.ones((B,), jnp.float32)}
+    inputs_BxL, masked_BxL, t_B = sample_mask(key, ids_BxL, *mask_range, mask_id)
+    return {"inputs": inputs_BxL, "targets": ids_BxL, "valid": masked_BxL, "t": t_B}
+
+
+def prepare_cached(rows: dict) -> dict:
+    """An activation-cache batch (cache_store rows): masks and targets were stored."""
+    return {"hidden": rows["hidden"], "targets": rows["targets"], "valid": rows["masked"],
+            "t": rows["t"]}
+
+
+def loss_numerator(hidden_BxLxD, logits_fn, batch: dict, weighting: str, chunk: int = 0):
+    """Sum over the batch's sequences of what `weighting` averages (see loss_denominator)."""
+    sums_B = ce_sums(hidden_BxLxD, logits_fn, batch["targets"], batch["valid"], chunk)
     if weighting == "mean":
-        return sums_B.sum() / jnp.maximum(masked_BxL.sum(), 1)
+        return sums_B.sum()
     if weighting == "inv_t":
-        return jnp.mean(sums_B / (t_B * targets_BxL.shape[1]))
+        return (sums_B / (batch["t"] * batch["targets"].shape[1])).sum()
     raise ValueError(f"loss weighting {weighting!r}: choose 'mean' or 'inv_t'")
 
 
-def causal_loss_from_hidden(hidden_BxLxD, logits_fn, ids_BxL, chunk: int = 0):
-    """causal_loss(logits_fn(hidden), ids): position i predicts i+1; the last predicts nothing."""
-    B, L = ids_BxL.shape
-    targets_BxL = jnp.roll(ids_BxL, -1, axis=1)
-    valid_BxL = jnp.broadcast_to(jnp.arange(L) < L - 1, (B, L))
-    return ce_sums(hidden_BxLxD, logits_fn, targets_BxL, valid_BxL, chunk).sum() / (B * (L - 1))
+def loss_denominator(batch: dict, weighting: str):
+    """mean: the number of valid positions; inv_t (the MDLM/LLaDA bound): sequences."""
+    if weighting == "inv_t":
+        return jnp.float32(batch["t"].shape[0])
+    return jnp.maximum(batch["valid"].sum(), 1).astype(jnp.float32)

@@ -1,4 +1,4 @@
-"""The optimizer: AdamW with warmup and cosine decay, moments in fp32 or bf16.
+"""The optimizer: AdamW with warmup and cosine decay, moments in fp32 or bf16; skipped steps.
 
 Adam keeps two moments per trained parameter, twice the parameters' own bytes in fp32:
 for one 70B block plus the untied head that is 14 GiB. `training.optimizer_state_dtype=
@@ -72,28 +72,31 @@ def make_optimizer(t_cfg, n_steps: int, learning_rate: float | None = None
         optax.scale_by_learning_rate(schedule))
     if t_cfg.grad_clip_norm > 0:
         adamw = optax.chain(optax.clip_by_global_norm(t_cfg.grad_clip_norm), adamw)
-    if t_cfg.progressive.new_stack_precision == "fp16":
-        return with_loss_scaling(adamw)
     return adamw
 
 
 class LossScaledState(NamedTuple):
+    """fp16 training: the optimizer's state and the dynamic loss scale (loss_scale.py)."""
     inner: optax.OptState
     loss_scale: loss_scale.LossScale
 
 
-def with_loss_scaling(tx) -> optax.GradientTransformation:
-    """fp16 training: the train step scales the loss by state.loss_scale (train.py); here a
-    step whose gradients overflowed changes nothing (zero update, old optimizer state) and
-    the scale is adjusted (loss_scale.update)."""
-    def init(params):
+def init_state(tx, params, t_cfg):
+    """The optimizer state for `params`; with fp16 compute it carries the loss scale."""
+    if t_cfg.progressive.new_stack_precision == "fp16":
         return LossScaledState(tx.init(params), loss_scale.init())
+    return tx.init(params)
 
-    def update(grads, state, params=None):
-        finite = loss_scale.all_finite(grads)
-        updates, inner = tx.update(grads, state.inner, params)
-        updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-        inner = loss_scale.select_if_finite(finite, inner, state.inner)
-        return updates, LossScaledState(inner, loss_scale.update(state.loss_scale, finite))
 
-    return optax.GradientTransformation(init, update)
+def apply_if_finite(tx, grads, opt_state, params, finite):
+    """One optimizer step, or none at all where `finite` is False (a step whose loss or
+    gradients overflowed or are NaN, in any precision): parameters and optimizer state
+    keep their values. An fp16 loss scale moves either way (loss_scale.update)."""
+    scaled = isinstance(opt_state, LossScaledState)
+    inner = opt_state.inner if scaled else opt_state
+    updates, new_inner = tx.update(grads, inner, params)
+    new_params = optax.apply_updates(params, updates)
+    params, inner = loss_scale.select_if_finite(finite, (new_params, new_inner), (params, inner))
+    if scaled:
+        return params, LossScaledState(inner, loss_scale.update(opt_state.loss_scale, finite))
+    return params, inner

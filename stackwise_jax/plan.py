@@ -1,17 +1,29 @@
-"""Memory planner: does each phase of a run fit on the device, before anything is allocated?
+"""Planner: memory, disk and time of each phase of a run, before anything is allocated.
 
     python -m stackwise_jax.plan --config=configs/llama70b.py [--device_memory=141GiB]
-        [--json=plan.json] [--config.KEY=VALUE ...]
+        [--device=h100 --mfu=0.4] [--corpus_tokens=N] [--json=plan.json] [--config.KEY=VALUE ...]
 
-Each phase's real train step is lowered and compiled on abstract shapes (ShapeDtypeStruct;
-nothing is allocated), and XLA's memory_analysis gives its arguments, outputs and
-temporaries. Phases: the last stage training from cached inputs, and the last stage with
-the frozen trunk resident in each storage dtype. The CPU compiler's buffer assignment is
-not a GPU's (it keeps full attention score matrices, for one): read totals as estimates.
+Each planned phase is a phases.Phase, the same description the trainer runs. Its train
+step is built by step.build and compiled on abstract shapes (ShapeDtypeStruct; nothing is
+allocated); XLA's memory_analysis gives arguments, outputs and temporaries. Around the
+step, the process holds other things at other moments, counted from the same shapes the
+trainer allocates (resident.abstract_*):
 
-`preflight(cfg, budget)` checks only the phase the run will execute (phases_for_run) and
-raises UserError with the overrides that would make it fit; `device_memory_bytes()` gives
-the accelerator's limit for it (None on CPU, where the check is skipped).
+- step: trainable parameters, optimizer state, frozen top groups, the trunk in its
+  resident format, the batch;
+- trunk assembly: the trunk (preallocated) plus one stored array on its way in;
+- cache build (a stage from the cache): the stack (incremental) or the trunk (rebuild)
+  the cache is built through, and a build batch;
+- evaluation: the top groups, one stack in resident format, the held-out hidden states;
+- fusion's merge: all of the step's, plus one merged stack in float32.
+
+`non_temporary_bytes` is the largest of these (what measured `peak_live_bytes` in
+summary.json checks, tests/test_plan.py); `total_bytes` adds the step's XLA temporaries.
+The CPU compiler's buffer assignment is not a GPU's: read totals as estimates.
+
+`preflight(cfg, budget)` checks the phases the run will execute and raises UserError with
+the overrides that would make it fit; `check_disk` refuses a run whose stores,
+checkpoints and activation cache the disk cannot hold.
 """
 
 from __future__ import annotations
@@ -19,22 +31,36 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import re
+import shutil
 import sys
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from stackwise_jax import cache, fusion, objective, stages
-from stackwise_jax.optim import make_optimizer
-from stackwise_jax.step import make_loss_fn, make_train_step
+from stackwise_jax import cache, phases as phases_lib, resident, step as step_lib
 from stackwise_jax import config as config_lib
+from stackwise_jax.checkpoint import disk_usage
 from stackwise_jax.errors import UserError
-from stackwise_jax.model import Rack
+from stackwise_jax.optim import init_state, make_optimizer
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# Peak dense bf16 matmul throughput (FLOP/s) from the vendors' data sheets.
+DEVICES = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12,
+           "tpu-v4": 275e12, "tpu-v5e": 197e12, "tpu-v5p": 459e12, "tpu-v6e": 918e12}
+CACHED = "cached"  # phase key of the last stage trained from the activation cache
+FIRST = "stage0"  # the first stage: it may train the embedding as well as stack 0 and head
+FUSION = "fusion"  # adapters on every stack over the base in fusion.base_precision
+ALLOCATOR_FRACTION = "0.95"
+
+
+def use_whole_accelerator() -> None:
+    """JAX's GPU allocator preallocates 75% of the card by default (an 80 GB card offers
+    about 60 GB); ask for 95% unless the user chose. Must run before a backend starts.
+    The preflight budget is then the allocator's own bytes_limit."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", ALLOCATOR_FRACTION)
 
 
 def parse_bytes(text: str) -> int:
@@ -48,61 +74,71 @@ def _nbytes(tree) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def _abstract(tree, dtype=None):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), tree)
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
 
-def _params_like(model_cfg) -> dict:
-    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Rack(model_cfg, nnx.Rngs(0))),
-                                      nnx.Param))
+# ------------------------------------------------------------------------------ FLOPs
 
 
 def _stack_forward_flops(cfg) -> float:
     """Matmul FLOPs per token of one stack's forward: weights, plus attention's QK and PV."""
-    from stackwise_jax.model import param_counts
-
     m = cfg.model
-    return (2 * param_counts(m)["stack_0"]
-            + 4 * cfg.data.seq_len * m.d_model * m.architecture.blocks_per_stack)
+    stack_params = sum(x.size for x in jax.tree.leaves(resident.abstract_stack(cfg)))
+    return 2 * stack_params + 4 * cfg.data.seq_len * m.d_model * m.architecture.blocks_per_stack
 
 
-def model_flops_per_token(cfg, plan: stages.StagePlan, trunk_runs: bool) -> float:
-    """Matmul FLOPs per token of one step: a trained part costs 3 forwards (forward, input
-    and weight gradients), the frozen trunk 1, a frozen head 2 (its input gradient). Remat's
-    recomputation is not counted (model FLOPs, as MFU defines them). XLA:CPU's own
-    cost_analysis counts a scan body once, so it cannot be used for scanned code."""
+def flops_per_token(cfg, phase: phases_lib.Phase, stack_fwd: float | None = None) -> float:
+    """Model FLOPs per trained token of one step of `phase`: what trains costs 3 forwards
+    (forward, input and weight gradients), the frozen trunk 1 (3 when gradients cross it:
+    a trained embedding below it, or fusion's adapters, whose merged kernels get full
+    weight gradients), a frozen head 2 (its input gradient). Remat's recomputation is not
+    counted (model FLOPs, as MFU defines them). XLA:CPU's cost_analysis counts a scan body
+    once, so it cannot be used for scanned code."""
     m = cfg.model
-    stack_fwd = _stack_forward_flops(cfg)
-    trained = plan.n_stacks_run - plan.first_trainable_stack
-    frozen = plan.first_trainable_stack if trunk_runs else 0
+    stack_fwd = _stack_forward_flops(cfg) if stack_fwd is None else stack_fwd
+    trunk = len(phase.trunk_stacks) * stack_fwd * (1 if phase.stop_gradient else 3)
     head_fwd = 2 * m.vocab_size * m.d_model
-    return 3 * trained * stack_fwd + frozen * stack_fwd + (3 if plan.train_head else 2) * head_fwd
+    head = (3 if "head" in phase.train_top or (m.tie_embeddings and "embed" in phase.train_top)
+            else 2) * head_fwd
+    return 3 * phase.n_local_stacks * stack_fwd + trunk + head
 
 
-def fusion_flops_per_token(cfg) -> float:
-    """Fusion merges each adapter into its kernel inside the block, so the backward pass
-    forms full weight gradients: 3 forwards per stack (the adapters' own matmuls are
-    negligible at rank << d_model), 2 for the frozen head (its input gradient)."""
-    m = cfg.model
-    return 3 * m.architecture.n_stacks * _stack_forward_flops(cfg) + 2 * 2 * m.vocab_size * m.d_model
+def tokens_per_step(cfg) -> int:
+    return cfg.data.batch_size * cfg.training.grad_accum_steps * cfg.data.seq_len
 
 
-def _analyze(name, step, trainable, frozen, opt_state, batch, flops, budget) -> dict:
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    compiled = step.lower(trainable, frozen, opt_state, batch, key).compile()
-    mem = compiled.memory_analysis()
-    total = (mem.argument_size_in_bytes + mem.temp_size_in_bytes
-             + mem.output_size_in_bytes - mem.alias_size_in_bytes)
-    return {"phase": name, "trainable_params_bytes": _nbytes(trainable),
-            "frozen_params_bytes": _nbytes(frozen), "optimizer_bytes": _nbytes(opt_state),
-            "gradient_bytes": _nbytes(trainable), "batch_bytes": _nbytes(batch),
-            "xla_temp_bytes": int(mem.temp_size_in_bytes), "total_bytes": int(total),
-            "fits": total <= budget, "flops_per_token": flops}
+def time_plan(cfg, device: str, mfu: float, corpus_tokens: int | None = None) -> dict:
+    """Hours of every phase at `mfu` of `device`'s peak, and the run's total.
+
+    Cache builds are counted too: per cached stage one stack forward per cached token
+    (incremental) or k of them (a rebuild at stage k), over corpus_tokens x cache_views
+    (corpus_tokens: the training split's tokens; default one stage's tokens)."""
+    if device not in DEVICES:
+        raise UserError(f"--device={device!r}: choose one of {', '.join(DEVICES)}")
+    if not 0 < mfu <= 1:
+        raise UserError(f"--mfu={mfu}: a fraction of the device's peak in (0, 1]")
+    rate = DEVICES[device] * mfu
+    p = cfg.training.progressive
+    stack_fwd = _stack_forward_flops(cfg)
+    corpus = corpus_tokens or config_lib.steps_in_stage(cfg) * tokens_per_step(cfg)
+    rows = []
+    for ph in phases_lib.all_phases(cfg):
+        tokens = ph.n_steps * tokens_per_step(cfg)
+        per_token = flops_per_token(cfg, ph, stack_fwd)
+        flops = per_token * tokens
+        if ph.inputs == "cache":
+            incremental = cfg.training.mask_schedule_type == "uniform" and ph.index >= 2
+            depth = 1 if incremental else ph.index
+            flops += depth * stack_fwd * corpus * p.cache_views
+        rows.append({"phase": ph.name, "flops_per_token": per_token, "tokens": tokens,
+                     "hours": flops / rate / 3600})
+    total = sum(r["hours"] for r in rows)
+    return {"device": device, "peak_flops": DEVICES[device], "mfu": mfu, "phases": rows,
+            "total_hours": total, "total_days": total / 24}
 
 
-CACHED = "cached"  # phase key of the last stage trained from the activation cache
-FIRST = "stage0"  # the first stage: it may train the embedding as well as stack 0 and head
-FUSION = "fusion"  # adapters on every stack over the base in fusion.base_precision
+# ------------------------------------------------------------------------- the phases
 
 
 def _cache_possible(cfg) -> bool:
@@ -130,81 +166,200 @@ def phases_for_run(cfg) -> list[str]:
     return first + last + ([FUSION] if cfg.training.fusion.steps > 0 else [])
 
 
-def plan(cfg, budget: int, phases: list[str] | None = None) -> dict:
-    """Rows for the phases of the last stage (the largest), against `budget` bytes.
+def _variant(cfg, **progressive):
+    out = copy.deepcopy(cfg)
+    for key, value in progressive.items():
+        out.training.progressive[key] = value
+    return out
 
-    `phases`: keys from all_phases(cfg) (CACHED or a frozen storage format), in the order
-    wanted; None: all of them (the CLI's table)."""
-    phases = all_phases(cfg) if phases is None else list(phases)
-    unknown = [k for k in phases if k not in all_phases(cfg)]
+
+def planned_phase(cfg, key: str):
+    """(config, Phase) that a planner key stands for."""
+    last = config_lib.n_stages(cfg) - 1
+    if key == FIRST:
+        return cfg, phases_lib.stage(cfg, 0)
+    if key == CACHED:
+        c = _variant(cfg, cache_activations=True)
+        return c, phases_lib.stage(c, last)
+    if key == FUSION:
+        return cfg, phases_lib.fusion(_variant(cfg, cache_activations=False))
+    c = _variant(cfg, cache_activations=False, frozen_precision=key)
+    return c, phases_lib.stage(c, last)
+
+
+def _batch_like(cfg, phase) -> object:
+    R = cfg.data.batch_size * cfg.training.grad_accum_steps
+    L, D = cfg.data.seq_len, cfg.model.d_model
+    if phase.inputs == "tokens":
+        return _sds((R, L), jnp.int32)
+    # cache_store rows as the trainer puts them on the device: hidden decoded to float32
+    return {"hidden": _sds((R, L, D), jnp.float32), "inputs": _sds((R, L), jnp.int32),
+            "targets": _sds((R, L), jnp.int32), "masked": _sds((R, L), jnp.bool_),
+            "t": _sds((R,), jnp.float32)}
+
+
+def _largest_stored_leaf(cfg) -> int:
+    item = 2 if cfg.training.progressive.stack_storage_dtype == "bf16" else 4
+    return max(x.size for x in jax.tree.leaves(resident.abstract_stack(cfg))) * item
+
+
+def _eval_hold(cfg, phase) -> int:
+    """Top groups in the compute dtype, one stack in eval format, the held-out streams."""
+    dtype = jnp.dtype(resident.compute_dtype(cfg))
+    top = _nbytes(resident.abstract_top(cfg)) // 4 * dtype.itemsize
+    one_stack = _nbytes(resident.abstract_trunk(cfg, 1, phases_lib.eval_format(cfg)))
+    B, L, D = cfg.data.batch_size, cfg.data.seq_len, cfg.model.d_model
+    per_stream = B * L * D * dtype.itemsize + B * L * (4 + 4 + 1) + B * 4
+    streams = cfg.eval.batches * (1 + (1 if phase.adapters else 0))
+    return top + one_stack + streams * per_stream
+
+
+def _cache_build_hold(cfg, phase, frozen_bytes: int) -> int:
+    p, dtype = cfg.training.progressive, jnp.dtype(resident.compute_dtype(cfg))
+    L, D, V = cfg.data.seq_len, cfg.model.d_model, p.cache_views
+    build_rows = cache.BUILD_BATCH
+    incremental = cfg.training.mask_schedule_type == "uniform" and phase.index >= 2
+    if incremental:
+        through = _nbytes(resident.abstract_trunk(cfg, 1, p.frozen_precision))
+        batch = build_rows * (L * D * 4 + L * (4 + 4 + 1) + 4 + L * 4)
+        out = build_rows * L * D * dtype.itemsize
+    else:
+        embed = _nbytes(resident.abstract_top(cfg)["embed"]) // 4 * dtype.itemsize
+        through = embed + _nbytes(resident.abstract_trunk(cfg, phase.index, p.frozen_precision))
+        batch = build_rows * L * 4 + build_rows * V * (L * (4 + 1) + 4)
+        out = build_rows * V * L * D * dtype.itemsize
+    return frozen_bytes + through + batch + out
+
+
+def analyze(cfg, key: str, budget: int, planned=None) -> dict:
+    """The row of planner key `key`: the phase's step compiled, and every hold counted."""
+    cfg, phase = planned or planned_phase(cfg, key)
+    t = cfg.training
+    tx = (make_optimizer(t, max(t.fusion.steps, 1), t.fusion.learning_rate) if phase.adapters
+          else make_optimizer(t, config_lib.steps_in_stage(cfg)))
+    step, _ = step_lib.build(cfg, phase, tx, 0)
+    trainable = resident.abstract_trainable(cfg, phase)
+    frozen = resident.abstract_frozen(cfg, phase)
+    opt_state = jax.eval_shape(lambda tr: init_state(tx, tr, t), trainable)
+    batch = _batch_like(cfg, phase)
+    key_like = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    mem = step.lower(trainable, frozen, opt_state, batch, key_like).compile().memory_analysis()
+    step_total = (mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                  + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+    holds = {"step": _nbytes(trainable) + _nbytes(opt_state) + _nbytes(frozen) + _nbytes(batch)}
+    if phase.adapters:  # at its end, each stack is merged (float32) while the rest is held
+        holds["merge"] = holds["step"] + _nbytes(resident.abstract_stack(cfg))
+    if phase.trunk_stacks:
+        holds["trunk assembly"] = _nbytes(frozen) + _largest_stored_leaf(cfg)
+    if phase.inputs == "cache":
+        holds["cache build"] = _cache_build_hold(cfg, phase, _nbytes(frozen))
+    holds["evaluation"] = _eval_hold(cfg, phase)
+    non_temporary = max(holds.values())
+    total = max([step_total] + [v for k, v in holds.items() if k != "step"])
+    return {"phase": _title(key, phase), "key": key,
+            "trainable_params_bytes": _nbytes(trainable), "frozen_params_bytes": _nbytes(frozen),
+            "optimizer_bytes": _nbytes(opt_state), "gradient_bytes": _nbytes(trainable),
+            "batch_bytes": _nbytes(batch), "xla_temp_bytes": int(mem.temp_size_in_bytes),
+            "step_total_bytes": int(step_total), "holds": holds,
+            "non_temporary_bytes": int(non_temporary), "total_bytes": int(total),
+            "fits": total <= budget, "flops_per_token": flops_per_token(cfg, phase)}
+
+
+def _title(key: str, phase) -> str:
+    if key == FIRST:
+        return "stage 0, embedding and head train with stack 0" if "embed" in phase.train_top \
+            else "stage 0"
+    if key == CACHED:
+        return f"stage {phase.index}, inputs from the activation cache"
+    if key == FUSION:
+        return (f"fusion, LoRA rank {{r}} on all {len(phase.trunk_stacks)} stacks over a "
+                f"{phase.trunk_format} base")
+    if not phase.trunk_stacks:
+        return f"stage {phase.index}, no frozen trunk"
+    return f"stage {phase.index}, frozen trunk resident in {key}"
+
+
+def plan(cfg, budget: int, keys: list[str] | None = None) -> dict:
+    """Rows for the planner keys `keys` (all_phases(cfg) when None), against `budget` bytes."""
+    keys = all_phases(cfg) if keys is None else list(keys)
+    unknown = [k for k in keys if k not in all_phases(cfg)]
     if unknown:
         raise ValueError(f"phases {unknown} not among {all_phases(cfg)} for this config")
-    B, L, D = cfg.data.batch_size, cfg.data.seq_len, cfg.model.d_model
-    stage = config_lib.n_stages(cfg) - 1
-    tx = make_optimizer(cfg.training, config_lib.steps_in_stage(cfg))
-    stage_plan = stages.plan_stage(cfg, stage)
-    rows = {}
+    rows = []
+    for key in keys:
+        row = analyze(cfg, key, budget)
+        row["phase"] = row["phase"].replace("{r}", str(cfg.training.fusion.lora_rank))
+        rows.append(row)
+    return {"device_memory_bytes": budget, "batch_size": cfg.data.batch_size,
+            "grad_accum_steps": cfg.training.grad_accum_steps, "seq_len": cfg.data.seq_len,
+            "phases": rows, "cache": cache.bytes_and_flops_per_token(cfg)}
 
-    if CACHED in phases:
-        part = cache.cached_partition(cfg.model, stage_plan)
-        trainable, frozen = part.split(_abstract(_params_like(cache.one_stack_config(cfg.model))))
-        batch = {"hidden": jax.ShapeDtypeStruct((B, L, D), jnp.float32),
-                 "targets": jax.ShapeDtypeStruct((B, L), jnp.int32),
-                 "masked": jax.ShapeDtypeStruct((B, L), jnp.bool_),
-                 "t": jax.ShapeDtypeStruct((B,), jnp.float32)}
-        step = make_train_step(cache.make_cached_loss_fn(cfg, part), tx)
-        rows[CACHED] = _analyze(f"stage {stage}, inputs from the activation cache", step,
-                                trainable, _abstract(frozen, jnp.bfloat16),
-                                jax.eval_shape(tx.init, trainable), batch,
-                                model_flops_per_token(cfg, stage_plan, False), budget)
 
-    template = nnx.eval_shape(lambda: Rack(cfg.model, nnx.Rngs(0)))
-    ids = jax.ShapeDtypeStruct((B, L), jnp.int32)
-    if FIRST in phases:
-        first_plan = stages.plan_stage(cfg, 0)
-        part = stages.Partition(template, first_plan)
-        trainable, frozen = part.split(_abstract(_params_like(cfg.model)))
-        mask_range = objective.stage_mask_range(cfg.training, 0, cfg.model.architecture.n_stacks)
-        step = make_train_step(make_loss_fn(cfg, part, mask_range, 0), tx)
-        stored = jax.eval_shape(lambda f: stages.store_frozen(f, "fp32", stages.compute_dtype(cfg)),
-                                _abstract(frozen))
-        rows[FIRST] = _analyze("stage 0, embedding and head train with stack 0"
-                               if first_plan.train_embedding else "stage 0", step, trainable,
-                               stored, jax.eval_shape(tx.init, trainable), ids,
-                               model_flops_per_token(cfg, first_plan, True), budget)
+# ------------------------------------------------------------------------------ disk
 
-    if FUSION in phases:
-        f = cfg.training.fusion
-        part = fusion.partition(template, cfg)
-        frozen = jax.eval_shape(lambda p: fusion.store_base(part, p, cfg),
-                                _abstract(_params_like(cfg.model)))
-        adapters = jax.eval_shape(lambda tr: fusion.init_adapters(cfg, tr), frozen["trunk"])
-        fusion_tx = make_optimizer(cfg.training, max(f.steps, 1), f.learning_rate)
-        step = make_train_step(fusion.make_loss_fn(cfg, part, 0), fusion_tx)
-        rows[FUSION] = _analyze(f"fusion, LoRA rank {f.lora_rank} on all "
-                                f"{cfg.model.architecture.n_stacks} stacks over a "
-                                f"{f.base_precision} base", step, adapters, frozen,
-                                jax.eval_shape(fusion_tx.init, adapters), ids,
-                                fusion_flops_per_token(cfg), budget)
 
-    storages = [k for k in phases if k in config_lib.FROZEN_PRECISIONS]
-    if storages:
-        part = stages.Partition(template, stage_plan)
-        trainable, frozen = part.split(_abstract(_params_like(cfg.model)))
-        mask_range = objective.stage_mask_range(cfg.training, stage,
-                                                cfg.model.architecture.n_stacks)
-        step = make_train_step(make_loss_fn(cfg, part, mask_range, 0), tx)
-        batch = jax.ShapeDtypeStruct((B, L), jnp.int32)
-        for storage in storages:
-            stored = jax.eval_shape(
-                lambda f: stages.store_frozen(f, storage, stages.compute_dtype(cfg)),
-                _abstract(frozen))
-            rows[storage] = _analyze(f"stage {stage}, frozen trunk resident in {storage}", step,
-                                     trainable, stored, jax.eval_shape(tx.init, trainable),
-                                     batch, model_flops_per_token(cfg, stage_plan, True), budget)
+def disk_plan(cfg, n_train_rows: int | None = None) -> dict:
+    """Bytes a run needs on disk at its largest: every stack stored once (fusion stores
+    them again before the older versions go), two versions of the top groups, max_to_keep
+    + 1 checkpoints of the largest phase (Orbax deletes the oldest after the newest is
+    complete), and the activation cache (two stages' while one is built, unless
+    keep_previous_cache keeps them all). n_train_rows: training sequences (None: no cache)."""
+    p, n = cfg.training.progressive, cfg.model.architecture.n_stacks
+    item = 2 if p.stack_storage_dtype == "bf16" else 4
+    stack = _nbytes(resident.abstract_stack(cfg)) // 4 * item
+    top = _nbytes(resident.abstract_top(cfg))
+    stores = n * stack * (2 if cfg.training.fusion.steps > 0 else 1) + 2 * top
+    t, sizes = cfg.training, {}
+    for ph in phases_lib.all_phases(cfg):
+        what = (ph.adapters, ph.n_local_stacks, tuple(sorted(ph.train_top)))
+        if what in sizes:  # phases that train the same things checkpoint the same bytes
+            continue
+        tx = (make_optimizer(t, max(t.fusion.steps, 1), t.fusion.learning_rate) if ph.adapters
+              else make_optimizer(t, config_lib.steps_in_stage(cfg)))
+        trainable = resident.abstract_trainable(cfg, ph)
+        sizes[what] = _nbytes(trainable) + _nbytes(jax.eval_shape(
+            lambda tr: init_state(tx, tr, t), trainable))
+    ckpt = max(sizes.values())
+    checkpoints = ckpt * (cfg.checkpoint.max_to_keep + 1)
+    cache_bytes = 0
+    if p.cache_activations and _cache_possible(cfg) and n_train_rows:
+        one = cache.spec_for(cfg, n_train_rows).total_bytes()
+        cache_bytes = one * ((n - 1) if p.keep_previous_cache else min(2, n - 1))
+    return {"stores": stores, "checkpoints": checkpoints, "cache": cache_bytes,
+            "total": stores + checkpoints + cache_bytes, "stack_bytes": stack}
 
-    return {"device_memory_bytes": budget, "batch_size": B, "seq_len": L,
-            "phases": [rows[k] for k in phases], "cache": cache.bytes_and_flops_per_token(cfg)}
+
+def check_disk(cfg, workdir: str, n_train_rows: int) -> dict:
+    """Raises UserError, naming the bytes, when the disk under workdir cannot hold the rest
+    of the run (disk_plan minus what the run already wrote)."""
+    need = disk_plan(cfg, n_train_rows)
+    used = sum(disk_usage(os.path.join(workdir, d)) for d in ("params", "checkpoints", "cache"))
+    free = _free_bytes(workdir)
+    missing = need["total"] - used - free
+    print(f"disk: the run needs {_gb(need['total'])} in {workdir} (stores {_gb(need['stores'])}"
+          f", checkpoints {_gb(need['checkpoints'])}, activation cache {_gb(need['cache'])}); "
+          f"{_gb(used)} written, {_gb(free)} free")
+    if missing > 0:
+        raise UserError(
+            f"not enough disk space for this run in {workdir}: it needs {need['total']} bytes "
+            f"({_gb(need['total'])}: stored stacks {_gb(need['stores'])}, checkpoints "
+            f"{_gb(need['checkpoints'])} (checkpoint.max_to_keep={cfg.checkpoint.max_to_keep}),"
+            f" activation cache {_gb(need['cache'])}); {_gb(used)} are written and "
+            f"{_gb(free)} free. Free {_gb(missing)}, use another --workdir, or lower the need "
+            "(training.progressive.stack_storage_dtype=bf16, checkpoint.max_to_keep, "
+            "training.progressive.cache_dtype=fp8)")
+    return need
+
+
+def _free_bytes(path: str) -> int:
+    """Free bytes on the filesystem holding `path` (tests monkeypatch this)."""
+    while not os.path.exists(path):
+        path = os.path.dirname(os.path.abspath(path))
+    return shutil.disk_usage(path).free
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 # ------------------------------------------------------------------------------ preflight
@@ -334,36 +489,107 @@ def preflight(cfg, budget_bytes: int) -> list[dict]:
 
 def format_table(result: dict) -> str:
     gib = 2**30
-    lines = [f"device memory budget: {result['device_memory_bytes'] / gib:.1f} GiB; "
-             f"batch {result['batch_size']} x {result['seq_len']} tokens",
-             "| phase | trainable | frozen | optimizer | gradients* | XLA temp | total | "
-             "fits | model FLOPs/token |", "|---|---|---|---|---|---|---|---|---|"]
+    accum = result.get("grad_accum_steps", 1)
+    lines = [f"device memory budget: {result['device_memory_bytes'] / gib:.1f} GiB; batch "
+             f"{result['batch_size']} x {result['seq_len']} tokens"
+             + (f" x {accum} micro-batches per step" if accum > 1 else ""),
+             "| phase | trainable | frozen | optimizer | gradients* | XLA temp | step total | "
+             "non-temporary | total | fits | model FLOPs/token |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["phases"]:
         lines.append(
             f"| {r['phase']} | {r['trainable_params_bytes'] / gib:.2f} | "
             f"{r['frozen_params_bytes'] / gib:.2f} | {r['optimizer_bytes'] / gib:.2f} | "
             f"{r['gradient_bytes'] / gib:.2f} | {r['xla_temp_bytes'] / gib:.2f} | "
+            f"{r['step_total_bytes'] / gib:.2f} | {r['non_temporary_bytes'] / gib:.2f} | "
             f"{r['total_bytes'] / gib:.2f} | {'FITS' if r['fits'] else 'DOES NOT FIT'} | "
             f"{r['flops_per_token']:.3g} |")
     c = result["cache"]
-    lines.append(f"(GiB; *gradients live inside XLA temp) activation cache: "
-                 f"{c['bytes_per_token']:.0f} bytes/token, one stack forward "
+    lines.append(f"(GiB; *gradients live inside XLA temp; non-temporary: the largest of what "
+                 f"the process holds at once: step, trunk assembly, cache build, evaluation, "
+                 f"merge) "
+                 f"activation cache: {c['bytes_per_token']:.0f} bytes/token, one stack forward "
                  f"{c['stack_forward_flops_per_token']:.3g} FLOPs/token")
+    if "disk" in result:
+        d = result["disk"]
+        lines.append(f"disk: stored stacks and top groups {_gb(d['stores'])} "
+                     f"({_gb(d['stack_bytes'])} per stack), checkpoints {_gb(d['checkpoints'])}"
+                     f", activation cache {_gb(d['cache'])}"
+                     + (f" ({d['cache_note']})" if d.get("cache_note") else "")
+                     + f"; total {_gb(d['total'])}")
+    if "time" in result:
+        tm = result["time"]
+        lines.append(f"time at {tm['mfu']:.0%} of {tm['device']}'s {tm['peak_flops'] / 1e12:.0f} "
+                     "TFLOP/s (bf16 dense):")
+        lines.append("| phase | FLOPs/token | tokens | hours |")
+        lines.append("|---|---|---|---|")
+        for r in _grouped(tm["phases"]):
+            lines.append(f"| {r['phase']} | {r['flops']} | {r['tokens']:,} | {r['hours']} |")
+        lines.append(f"run total: {tm['total_hours']:.1f} hours = {tm['total_days']:.1f} days")
     return "\n".join(lines)
+
+
+def _grouped(rows: list[dict]) -> list[dict]:
+    """Phases shown for the time table; runs of consecutive stages collapsed into one line
+    (first..last, range of FLOPs/token and hours per stage, and their sum)."""
+    out, run = [], []
+
+    def flush():
+        if not run:
+            return
+        if len(run) == 1:
+            r = run[0]
+            out.append({"phase": r["phase"], "flops": f"{r['flops_per_token']:.3g}",
+                        "tokens": r["tokens"], "hours": f"{r['hours']:.3g}"})
+        else:
+            f = [r["flops_per_token"] for r in run]
+            h = [r["hours"] for r in run]
+            span = lambda lo, hi: f"{lo:.3g}" if lo == hi else f"{lo:.3g} to {hi:.3g}"  # noqa: E731
+            out.append({"phase": f"{run[0]['phase']} to {run[-1]['phase'].split()[1]}",
+                        "flops": span(min(f), max(f)), "tokens": run[0]["tokens"],
+                        "hours": f"{span(min(h), max(h))} each, {sum(h):.3g} in all"})
+        run.clear()
+
+    for r in rows:
+        if r["phase"].startswith("stage") and (not run or run[-1]["tokens"] == r["tokens"]):
+            if len(run) == 1 and run[0]["phase"].startswith("stage 1/"):
+                flush()  # stage 1 (it trains the embedding too) stays on a line of its own
+            run.append(r)
+        else:
+            flush()
+            if r["phase"].startswith("stage"):
+                run.append(r)
+            else:
+                out.append({"phase": r["phase"], "flops": f"{r['flops_per_token']:.3g}",
+                            "tokens": r["tokens"], "hours": f"{r['hours']:.3g}"})
+    flush()
+    return out
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    use_whole_accelerator()
     try:
         rest, overrides = config_lib.split_overrides(argv)
         ap = argparse.ArgumentParser(prog="python -m stackwise_jax.plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("--config", required=True)
         ap.add_argument("--device_memory", default="141GiB")
+        ap.add_argument("--device", default="h100", help=f"one of {', '.join(DEVICES)}")
+        ap.add_argument("--mfu", type=float, default=0.4,
+                        help="fraction of the device's peak bf16 FLOP/s the run achieves")
+        ap.add_argument("--corpus_tokens", type=int, default=None,
+                        help="training tokens in the corpus, for the activation cache's disk "
+                             "and build time (default: one stage's tokens)")
         ap.add_argument("--json", default=None, help="also write the table as JSON here")
         args = ap.parse_args(rest)
         cfg = config_lib.load(args.config, overrides)
         result = plan(cfg, parse_bytes(args.device_memory))
+        corpus = args.corpus_tokens or config_lib.steps_in_stage(cfg) * tokens_per_step(cfg)
+        result["disk"] = disk_plan(cfg, max(1, corpus // cfg.data.seq_len))
+        if not args.corpus_tokens:
+            result["disk"]["cache_note"] = "for a corpus of one stage's tokens"
+        result["time"] = time_plan(cfg, args.device, args.mfu, args.corpus_tokens)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

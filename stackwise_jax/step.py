@@ -1,49 +1,119 @@
-"""The jitted train step and the loss of a stage: shared by training and the planner."""
+"""A phase's loss and its jitted train step: shared by training, the planner and the tests.
+
+The loss is one function for every phase (phases.Phase says which parts exist):
+
+    tokens -> embedding ─┐
+    cache rows ──────────┴> frozen trunk (one scan; LoRA adapters in fusion)
+      -> stop_gradient (when nothing below trains) -> trained stacks -> final norm, head
+
+The step prepares the whole batch (masks for every sequence at once), splits it into
+`training.grad_accum_steps` micro-batches whose gradients are summed in float32 (a scan:
+one micro-batch's activations live at a time), and applies the update only when the loss
+and every gradient are finite (optim.apply_if_finite); it returns that flag too.
+"""
 
 from __future__ import annotations
 
 import functools
 
 import jax
-import optax
+import jax.numpy as jnp
 
-from stackwise_jax import loss_scale, objective, stages
-from stackwise_jax.optim import LossScaledState
-
-
-def make_loss_fn(cfg, partition: stages.Partition, mask_range, mask_id: int):
-    """loss(trainable, frozen, ids_BxL, key) for this stage's plan and objective."""
-    t_cfg, plan = cfg.training, partition.plan
-    dtype = stages.compute_dtype(cfg)
-
-    def loss_fn(trainable, frozen, ids_BxL, key):
-        # Master weights stay float32; the forward pass runs in the compute dtype.
-        frozen = stages.frozen_for_forward(frozen, dtype)
-        rack = partition.rack(stages.cast_floats(trainable, dtype), frozen)
-        trunk, chunk = frozen.get("trunk"), t_cfg.loss_chunk_size
-        if t_cfg.objective == "causal":
-            hidden_BxLxD = stages.stage_hidden(rack, ids_BxL, plan, "causal", trunk)
-            return objective.causal_loss_from_hidden(hidden_BxLxD, rack.logits, ids_BxL, chunk)
-        inputs_BxL, masked_BxL, t_B = objective.sample_mask(key, ids_BxL, *mask_range, mask_id)
-        hidden_BxLxD = stages.stage_hidden(rack, inputs_BxL, plan, "bidirectional", trunk)
-        return objective.masked_diffusion_loss_from_hidden(
-            hidden_BxLxD, rack.logits, ids_BxL, masked_BxL, t_B, t_cfg.loss_weighting, chunk)
-
-    return loss_fn
+from stackwise_jax import loss_scale, objective, optim
+from stackwise_jax.phases import Phase
+from stackwise_jax.resident import Template, cast_floats, compute_dtype
 
 
-def make_train_step(loss_fn, tx):
-    @functools.partial(jax.jit, donate_argnums=(0, 2))
-    def train_step(trainable, frozen, opt_state, ids_BxL, key):
-        if isinstance(opt_state, LossScaledState):  # fp16: scale the loss up first
-            loss, grads, _ = loss_scale.scaled_value_and_grad(loss_fn, opt_state.loss_scale)(
-                trainable, frozen, ids_BxL, key)
+def weighting_of(cfg, phase: Phase) -> str:
+    """Causal loss is a plain mean over predicted positions."""
+    return "mean" if phase.objective == "causal" else cfg.training.loss_weighting
+
+
+def mode_of(phase: Phase) -> str:
+    return "causal" if phase.objective == "causal" else "bidirectional"
+
+
+def make_loss_sum(cfg, phase: Phase, template: Template):
+    """loss_sum(trainable, frozen, prepared_batch): the loss numerator of `phase`."""
+    dtype, mode = compute_dtype(cfg), mode_of(phase)
+    weighting, chunk = weighting_of(cfg, phase), cfg.training.loss_chunk_size
+    alpha = cfg.training.fusion.lora_alpha
+
+    def loss_sum(trainable, frozen, batch):
+        # Master weights stay float32; the forward pass runs in the compute dtype (frozen
+        # top groups are held in it already, the trunk converts one layer at a time).
+        own = cast_floats({k: v for k, v in trainable.items() if k != "adapters"}, dtype)
+        rack = template.rack(own, frozen)
+        if phase.inputs == "cache":
+            x_BxLxD = batch["hidden"].astype(dtype)
         else:
-            loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids_BxL, key)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+            x_BxLxD = rack.embed(batch["inputs"]).astype(dtype)
+        if "trunk" in frozen:
+            x_BxLxD = rack.run_trunk(frozen["trunk"], x_BxLxD, mode, trainable.get("adapters"),
+                                     alpha, phase.remat)
+        if phase.stop_gradient:
+            x_BxLxD = jax.lax.stop_gradient(x_BxLxD)
+        x_BxLxD = rack.run_stacks(x_BxLxD, 0, phase.n_local_stacks, mode)
+        return objective.loss_numerator(x_BxLxD, rack.logits, batch, weighting, chunk)
+
+    return loss_sum
+
+
+def make_prepare(phase: Phase, mask_id: int):
+    """prepare(batch, key): token ids (B, L) or cache rows -> a prepared batch."""
+    if phase.inputs == "cache":
+        return lambda rows, key: objective.prepare_cached(rows)
+    return lambda ids, key: objective.prepare_tokens(key, ids, phase.objective,
+                                                     phase.mask_range, mask_id)
+
+
+def make_train_step(loss_sum, prepare, tx, weighting: str, accum: int):
+    """step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state, loss, finite).
+    trainable and opt_state are donated: updated in place."""
+
+    @functools.partial(jax.jit, donate_argnums=(0, 2))
+    def train_step(trainable, frozen, opt_state, batch, key):
+        batch = prepare(batch, key)
+        denominator = objective.loss_denominator(batch, weighting)
+
+        def loss_fn(tr, micro):
+            return loss_sum(tr, frozen, micro).astype(jnp.float32) / denominator
+
+        if isinstance(opt_state, optim.LossScaledState):  # fp16: backward on loss * scale
+            grad_fn = loss_scale.scaled_value_and_grad(loss_fn, opt_state.loss_scale)
+        else:
+            plain = jax.value_and_grad(loss_fn)
+
+            def grad_fn(tr, micro):
+                loss, grads = plain(tr, micro)
+                return loss, grads, loss_scale.all_finite(grads)
+
+        if accum == 1:
+            loss, grads, finite = grad_fn(trainable, batch)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
+
+            def body(carry, one):
+                loss, grads, finite = carry
+                l, g, f = grad_fn(trainable, one)
+                return (loss + l, jax.tree.map(jnp.add, grads, g), finite & f), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+            (loss, grads, finite), _ = jax.lax.scan(
+                body, (jnp.float32(0), zeros, jnp.asarray(True)), micro)
+        finite = finite & jnp.isfinite(loss)
+        trainable, opt_state = optim.apply_if_finite(tx, grads, opt_state, trainable, finite)
+        return trainable, opt_state, loss, finite
 
     return train_step
+
+
+def build(cfg, phase: Phase, tx, mask_id: int):
+    """The jitted train step of `phase`, and its Template."""
+    template = Template(cfg.model, phase.n_local_stacks)
+    step = make_train_step(make_loss_sum(cfg, phase, template), make_prepare(phase, mask_id), tx,
+                           weighting_of(cfg, phase), cfg.training.grad_accum_steps)
+    return step, template
 
 
 def step_key(seed: int, stage: int, step: int):

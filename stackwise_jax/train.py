@@ -1,8 +1,10 @@
 """Training: `python -m stackwise_jax.train --config=configs/tiny.py [--workdir=DIR]`.
 
-One code path for every mode: a run is a sequence of stages (one for end-to-end, one per
-stack otherwise); stages.plan_stage says what trains in each. Rerunning the same command
-resumes from the latest checkpoint at the same stage, step and data position.
+One loop for every mode: a run is a sequence of phases (phases.py says what each trains,
+holds and stores). For each phase the loop opens it (assembles what it holds: trainable
+groups born or loaded, the frozen trunk stack by stack, its batches), runs its steps,
+then stores what it trained and evaluates the stored run stack by stack. Rerunning the
+same command resumes from the latest checkpoint at the same phase, step and data position.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 
@@ -17,17 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 from tqdm import tqdm
 
-from stackwise_jax import cache, checkpoint, data, evaluate, fusion, objective, stages
+from stackwise_jax import cache, checkpoint, data, evaluate, memory, optim, phases
 from stackwise_jax import config as config_lib
 from stackwise_jax import plan as plan_lib
+from stackwise_jax import resident, step as step_lib, store
 from stackwise_jax.errors import UserError
-from stackwise_jax.model import Rack, param_counts
-from stackwise_jax.optim import make_optimizer
-from stackwise_jax.run import rack_from_params
-from stackwise_jax.step import make_loss_fn, make_train_step, step_key
+from stackwise_jax.model import param_counts
+from stackwise_jax.phases import Phase
 
 
 def _count(tree) -> int:
@@ -57,97 +58,167 @@ class MetricsLog:
 
 def _fresh_meta() -> dict:
     return {"stage": 0, "step": 0, "global_step": 0, "done": False, "stages": [],
-            "stage_wall_s": 0.0, "stage_tokens": 0}
+            "stage_wall_s": 0.0, "stage_tokens": 0, "stage_nonfinite": 0}
 
 
 @dataclasses.dataclass
-class StageRunner:
-    """What one stage trains and how: its partition, step function and batch source."""
+class OpenPhase:
+    """A phase while it trains: everything it holds."""
 
+    phase: Phase
     trainable: dict
     frozen: dict
-    step: object  # jitted (trainable, frozen, opt_state, batch, key) -> (trainable, opt_state, loss)
+    opt_state: object
+    step: object  # jitted step.make_train_step: -> (trainable, opt_state, loss, finite)
     batches: object  # grain iterator with get_state / set_state
-    to_full: object  # (params, trainable) -> params
-    source: str  # 'tokens', 'cache' or 'fusion' (adapters on the whole Rack)
+    cache_s: float = 0.0
 
 
 class Trainer:
-    """Builds each stage's runner; holds what lives across stages (the compiled cached step)."""
+    """Opens and finishes phases; holds what lives across them (compiled steps, the
+    token iterator, the evaluator)."""
 
     def __init__(self, cfg, workdir: str, prepared, rebuild_cache: bool):
         self.cfg, self.workdir, self.prepared = cfg, workdir, prepared
         self.rebuild_cache = rebuild_cache
-        self.template = nnx.eval_shape(lambda: Rack(cfg.model, nnx.Rngs(0)))
-        self.tx = make_optimizer(cfg.training, config_lib.steps_in_stage(cfg))
-        if fusion.enabled(cfg):
-            self.fusion_tx = make_optimizer(cfg.training, cfg.training.fusion.steps,
-                                            cfg.training.fusion.learning_rate)
-        self.cached_step = None  # one compiled step serves every cached stage
-        self.cache_seconds: dict[int, float] = {}  # opening or building each stage's cache
-        self.token_batches = data.train_batches(prepared.train_rows, cfg.data.batch_size,
+        self.mask_id = prepared.tokenizer.mask_id
+        t = cfg.training
+        self.txs = {"stage": optim.make_optimizer(t, config_lib.steps_in_stage(cfg)),
+                    "fusion": optim.make_optimizer(t, max(t.fusion.steps, 1),
+                                                   t.fusion.learning_rate)}
+        self.steps: dict = {}  # phases of one shape share one compiled step
+        self.compilations: dict = {}  # programs each released step had compiled
+        self.rows_per_step = cfg.data.batch_size * t.grad_accum_steps
+        self.token_batches = data.train_batches(prepared.train_rows, self.rows_per_step,
                                                 cfg.data.seed)
+        heldout = data.heldout_batches(prepared.heldout_rows, cfg.data.batch_size,
+                                       cfg.eval.batches)
+        self.evaluator = evaluate.Evaluator(cfg, workdir, heldout, self.mask_id)
+        self.heldout = heldout
 
-    def uses_cache(self, stage: int) -> bool:
-        return (self.cfg.training.progressive.cache_activations and stage >= 1
-                and not fusion.is_fusion(self.cfg, stage))
+    def tx(self, phase: Phase):
+        return self.txs[phase.kind]
 
-    def tx_for(self, stage: int):
-        return self.fusion_tx if fusion.is_fusion(self.cfg, stage) else self.tx
+    def step_for(self, phase: Phase):
+        key = step_signature(phase)
+        if key not in self.steps:
+            self.steps[key] = step_lib.build(self.cfg, phase, self.tx(phase), self.mask_id)[0]
+        return self.steps[key]
 
-    def trainable_like(self, stage: int, params: dict):
-        """Abstract trainable tree of `stage` (to restore its optimizer state)."""
-        if fusion.is_fusion(self.cfg, stage):
-            return fusion.adapters_like(self.cfg, self.template)
-        return self.split(stage, params)[0]
+    def abstract_state(self, phase: Phase):
+        trainable = resident.abstract_trainable(self.cfg, phase)
+        opt = jax.eval_shape(lambda tr: optim.init_state(self.tx(phase), tr, self.cfg.training),
+                             trainable)
+        return trainable, opt
 
-    def partition(self, stage: int) -> stages.Partition:
-        plan = stages.plan_stage(self.cfg, stage)
-        if self.uses_cache(stage):
-            return cache.cached_partition(self.cfg.model, plan)
-        return stages.Partition(self.template, plan)
-
-    def split(self, stage: int, params: dict) -> tuple[dict, dict]:
-        """(trainable, frozen) of `stage`, in the layout its step takes."""
-        params = cache.to_one_stack(params, stage) if self.uses_cache(stage) else params
-        return self.partition(stage).split(params)
-
-    def runner(self, stage: int, params: dict, adapters=None) -> StageRunner:
-        """adapters: fusion's adapters restored from a checkpoint (fresh ones otherwise)."""
-        cfg, mask_id = self.cfg, self.prepared.tokenizer.mask_id
-        if fusion.is_fusion(cfg, stage):
-            partition = fusion.partition(self.template, cfg)
-            frozen = fusion.store_base(partition, params, cfg)
-            trainable = adapters if adapters is not None else fusion.init_adapters(cfg, frozen["trunk"])
-            step = make_train_step(fusion.make_loss_fn(cfg, partition, mask_id), self.fusion_tx)
-            return StageRunner(trainable, frozen, step, self.token_batches,
-                               lambda full, tr: fusion.merge(full, frozen, tr, cfg), "fusion")
-        partition = self.partition(stage)
-        trainable, frozen = self.split(stage, params)
-        if not self.uses_cache(stage):
-            mask_range = objective.stage_mask_range(cfg.training, stage,
-                                                    cfg.model.architecture.n_stacks)
-            step = make_train_step(make_loss_fn(cfg, partition, mask_range, mask_id), self.tx)
-            frozen = stages.store_frozen(frozen, cfg.training.progressive.frozen_precision,
-                                         stages.compute_dtype(cfg))
-            return StageRunner(trainable, frozen, step, self.token_batches,
-                               lambda full, tr: stages.merge_trees(full, tr), "tokens")
+    def open(self, phase: Phase, restored, data_state: dict, step: int) -> OpenPhase:
+        """restored: (trainable, opt_state) from a mid-phase checkpoint, or None."""
+        cfg = self.cfg
+        memory.start_phase()
+        frozen = resident.frozen_state(cfg, self.workdir, phase)
         start = time.perf_counter()
-        reader = cache.open_or_build(cfg, self.workdir, stage, rack_from_params(cfg.model, params),
-                                     self.prepared.train_rows, mask_id, self.rebuild_cache)
-        self.cache_seconds[stage] = self.cache_seconds.get(stage, 0.0) + time.perf_counter() - start
-        self.rebuild_cache = False  # once, for the stage the run resumes in
-        if self.cached_step is None:
-            self.cached_step = make_train_step(cache.make_cached_loss_fn(cfg, partition),
-                                               self.tx)
-        batches = data.train_batches(reader, cfg.data.batch_size, cfg.data.seed + stage)
-        return StageRunner(trainable, frozen, self.cached_step, batches,
-                           lambda full, tr: cache.from_one_stack(full, tr, stage), "cache")
+        batches = self.token_batches
+        if phase.inputs == "cache":
+            reader = cache.open_or_build(cfg, self.workdir, phase.index, self.prepared.train_rows,
+                                         self.mask_id, self.rebuild_cache)
+            self.rebuild_cache = False  # once, for the stage the run resumes in
+            batches = data.train_batches(reader, self.rows_per_step, cfg.data.seed + phase.index)
+            if data_state.get("cache") and step > 0:
+                batches.set_state(data_state["cache"])
+        cache_s = time.perf_counter() - start if phase.inputs == "cache" else 0.0
+        if restored is not None:
+            trainable, opt_state = jax.tree.map(jnp.asarray, restored)
+        else:
+            trainable = resident.trainable_at_start(cfg, self.workdir, phase, frozen.get("trunk"))
+            opt_state = optim.init_state(self.tx(phase), trainable, cfg.training)
+        memory.sample()
+        return OpenPhase(phase, trainable, frozen, opt_state, self.step_for(phase), batches,
+                         cache_s)
+
+    def release(self, phase: Phase, following: list[Phase]) -> None:
+        """Drops the compiled step of a finished phase unless the next one runs it with the
+        same shapes (cached stages share one); a trunk that grows each stage would otherwise
+        leave one executable per stage in host memory. Freed host pages go back to the OS."""
+        key = step_signature(phase)
+        if key in self.steps and not (following and _same_shapes(phase, following[0])):
+            step = self.steps.pop(key)
+            self.compilations[key] = step._cache_size()
+            step.clear_cache()
+        memory.release_memory()
+
+    def data_state(self, run: OpenPhase | None, step: int) -> dict:
+        state = {"tokens": self.token_batches.get_state()}
+        if run is not None and run.phase.inputs == "cache" and step > 0:
+            state["cache"] = run.batches.get_state()
+        return state
+
+    def finish(self, run: OpenPhase) -> dict:
+        """Stores what the phase trained (store version index + 1), drops what it held,
+        and evaluates the stored run through the stacks the phase ran."""
+        phase, version = run.phase, run.phase.index + 1
+        cfg = self.cfg
+        record = {"trainable_params": _count(run.trainable)}
+        resident.write_stores(cfg, self.workdir, phase, run.trainable, run.frozen)
+        run.trainable = run.frozen = run.opt_state = None  # nothing of the phase stays live
+        if cfg.training.objective == "masked_diffusion" or phase.adapters:
+            losses = self.evaluator.losses(phase.n_stacks_run, version, ratios=(0.5,),
+                                           causal=phase.adapters)
+            record["heldout_loss_t0.5"] = losses["0.5"]
+            if phase.adapters:
+                record["phase"] = "fusion"
+                record["heldout_causal_loss"] = losses["causal"]
+        if run.cache_s:
+            record["cache_s"] = round(run.cache_s, 2)
+        record.update(memory.phase_record())
+        return record
+
+
+def _same_shapes(a: Phase, b: Phase) -> bool:
+    return (step_signature(a) == step_signature(b)
+            and len(a.trunk_stacks) == len(b.trunk_stacks))
+
+
+def step_signature(phase: Phase) -> tuple:
+    """What a phase's compiled step depends on (shapes aside): phases that agree share it."""
+    fields = dataclasses.asdict(phase)
+    for name in ("index", "name", "n_steps", "stores", "trained_stacks", "trunk_stacks"):
+        fields.pop(name)
+    if phase.inputs == "cache":
+        fields.pop("mask_range")  # masks come from the cache
+    return (phase.n_local_stacks, len(phase.trunk_stacks) > 0) + tuple(
+        (k, tuple(sorted(v)) if isinstance(v, frozenset) else v) for k, v in sorted(fields.items()))
+
+
+class _Interrupt:
+    """Ctrl-C asks the loop to stop after the current step and save; a second one stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (some notebook runners): no guard
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt received: saving a checkpoint after the current step (Ctrl-C again "
+              "to stop at once, without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
         rebuild_cache: bool = False, device_memory: int | str | None = "auto") -> dict:
-    """Trains (or resumes) the run in `workdir`; returns the summary once every stage is done.
+    """Trains (or resumes) the run in `workdir`; returns the summary once every phase is done.
 
     max_steps: stop after this many steps in this call (a checkpoint is saved), for
     notebooks that train in slices. Returns {} in that case if the run is not finished.
@@ -173,158 +244,192 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
     checkpoint.claim_workdir(workdir, cfg)
 
     prepared = data.prepare(cfg, workdir)
-    batch_size, seq_len = cfg.data.batch_size, cfg.data.seq_len
-    heldout = data.heldout_batches(prepared.heldout_rows, batch_size, cfg.eval.batches)
+    plan_lib.check_disk(cfg, workdir, len(prepared.train_rows))  # raises, naming the bytes
     trainer = Trainer(cfg, workdir, prepared, rebuild_cache)
+    all_phases = phases.all_phases(cfg)
 
-    params = nnx.to_pure_dict(nnx.state(Rack(cfg.model, nnx.Rngs(cfg.training.seed)), nnx.Param))
     ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
-    meta, data_state, opt_state, adapters = _fresh_meta(), {}, None, None
-    latest = ckpt.latest_step()
-    if latest is not None:
-        meta = ckpt.meta(latest)
-        opt_like = adapters_like = None
-        if meta["step"] > 0 and not meta["done"]:
-            trainable_like = trainer.trainable_like(meta["stage"], params)
-            opt_like = jax.eval_shape(trainer.tx_for(meta["stage"]).init, trainable_like)
-            if fusion.is_fusion(cfg, meta["stage"]):
-                adapters_like = trainable_like
-        params, data_state, opt_state, adapters = ckpt.restore(latest, params, opt_like,
-                                                               adapters_like)
-        print(f"resuming {workdir} at stage {meta['stage']}, step {meta['step']} "
-              f"(checkpoint {latest})")
+    meta, data_state, restored = _resume(ckpt, trainer, all_phases, workdir)
     metrics = MetricsLog(workdir, meta["global_step"])
     if data_state.get("tokens"):
         trainer.token_batches.set_state(data_state["tokens"])
 
-    n_phases = config_lib.n_phases(cfg)
-    steps_this_call, seg_start, seg_tokens = 0, time.perf_counter(), 0
-    r = None
-
-    def save(opt):
-        if ckpt.latest_step() == meta["global_step"]:
-            return  # saved at this step already (a stop right after a periodic save)
-        state = {"tokens": trainer.token_batches.get_state()}
-        if r is not None and r.source == "cache" and meta["step"] > 0:
-            state["cache"] = r.batches.get_state()
-        if r is not None and r.source == "fusion":  # the base stays unmerged until the end
-            ckpt.save(meta["global_step"], params, dict(meta), state, opt, adapters=r.trainable)
-            return
-        ckpt.save(meta["global_step"], params if r is None else r.to_full(params, r.trainable),
-                  dict(meta), state, opt)
-
+    loop = _Loop(cfg, trainer, ckpt, metrics, meta, max_steps, progress)
     try:
-        while meta["stage"] < n_phases:
-            if max_steps is not None and steps_this_call >= max_steps:
-                return {}
-            stage = meta["stage"]
-            n_steps = config_lib.steps_in_phase(cfg, stage)
-            r = trainer.runner(stage, params, adapters)
-            adapters = None
-            if r.source == "cache" and data_state.get("cache") and meta["step"] > 0:
-                r.batches.set_state(data_state["cache"])
-            if opt_state is None:
-                opt_state = trainer.tx_for(stage).init(r.trainable)
-
-            name = ("fusion" if r.source == "fusion"
-                    else f"stage {stage + 1}/{config_lib.n_stages(cfg)}")
-            bar = tqdm(total=n_steps, initial=meta["step"], disable=not progress, dynamic_ncols=True,
-                       desc=f"{name} ({_count(r.trainable) / 1e6:.2f}M trainable, "
-                            f"from {r.source})")
-            seg_start, seg_tokens = time.perf_counter(), 0
-            last_log_t, since_log_tokens = seg_start, 0
-            while meta["step"] < n_steps:
-                if max_steps is not None and steps_this_call >= max_steps:
-                    break
-                batch = jax.tree.map(jnp.asarray, next(r.batches))
-                key = step_key(cfg.training.seed, stage, meta["step"])
-                r.trainable, opt_state, loss = r.step(r.trainable, r.frozen, opt_state, batch, key)
-                meta["step"] += 1
-                meta["global_step"] += 1
-                steps_this_call += 1
-                seg_tokens += batch_size * seq_len
-                since_log_tokens += batch_size * seq_len
-                bar.update(1)
-                if meta["step"] % cfg.training.log_every == 0 or meta["step"] == n_steps:
-                    loss = float(loss)
-                    now = time.perf_counter()
-                    tok_s = since_log_tokens / (now - last_log_t)
-                    last_log_t, since_log_tokens = now, 0
-                    metrics.write({"stage": stage, "step": meta["step"],
-                                   "global_step": meta["global_step"], "loss": loss,
-                                   "tokens_per_s": tok_s})
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
-                if meta["global_step"] % cfg.checkpoint.every_steps == 0 and meta["step"] < n_steps:
-                    _accumulate(meta, seg_start, seg_tokens)
-                    seg_start, seg_tokens = time.perf_counter(), 0
-                    save(opt_state)
-            bar.close()
-            _accumulate(meta, seg_start, seg_tokens)
-            seg_start, seg_tokens = time.perf_counter(), 0
-            if meta["step"] < n_steps:  # stopped by max_steps
-                save(opt_state)
-                return {}
-            params = r.to_full(params, r.trainable)
-            record = {"stage": stage, "trainable_params": _count(r.trainable),
-                      "steps": n_steps, "tokens": meta["stage_tokens"],
-                      "wall_s": round(meta["stage_wall_s"], 2)}
-            is_fusion = r.source == "fusion"
-            r, opt_state, data_state = None, None, {}
-            if stage in trainer.cache_seconds:
-                record["cache_s"] = round(trainer.cache_seconds[stage], 2)
-            rack = rack_from_params(cfg.model, params)
-            n_run = rack.n_stacks if is_fusion else stages.plan_stage(cfg, stage).n_stacks_run
-            if cfg.training.objective == "masked_diffusion" or is_fusion:
-                record["heldout_loss_t0.5"] = evaluate.masked_diffusion_loss(
-                    rack, heldout, 0.5, prepared.tokenizer.mask_id, n_run)
-            if is_fusion:
-                record["phase"] = "fusion"
-                record["heldout_causal_loss"] = evaluate.causal_loss(rack, heldout)
-            meta["stages"].append(record)
-            meta.update(stage=stage + 1, step=0, stage_wall_s=0.0, stage_tokens=0,
-                        done=stage + 1 == n_phases)
-            save(None)
-    except KeyboardInterrupt:
-        print("interrupted: saving a checkpoint to resume from", file=sys.stderr)
-        if meta["step"] > 0 and r is not None:
-            _accumulate(meta, seg_start, seg_tokens)
-            save(opt_state)
-        raise
+        with _Interrupt() as interrupt:
+            loop.interrupt = interrupt
+            while meta["stage"] < len(all_phases):
+                phase = all_phases[meta["stage"]]
+                if loop.must_stop():  # nothing trained since the last checkpoint
+                    loop.raise_if_interrupted()
+                    return {}
+                run_ = trainer.open(phase, restored, data_state, meta["step"])
+                restored = None
+                if not loop.train(run_):
+                    return {}
+                record = {"stage": phase.index, "steps": phase.n_steps,
+                          "tokens": meta["stage_tokens"], "wall_s": round(meta["stage_wall_s"], 2),
+                          "nonfinite_steps": meta["stage_nonfinite"], **trainer.finish(run_)}
+                meta["stages"].append(record)
+                meta.update(stage=phase.index + 1, step=0, stage_wall_s=0.0, stage_tokens=0,
+                            stage_nonfinite=0, done=phase.index + 1 == len(all_phases))
+                loop.save(None)
+                store.collect_garbage(workdir, meta["stage"])
+                trainer.release(phase, all_phases[phase.index + 1:phase.index + 2])
     finally:
         metrics.close()
         ckpt.close()
 
-    summary = _summarize(cfg, meta, params, prepared, heldout)
-    if trainer.cached_step is not None:
-        summary["cached_step_compilations"] = trainer.cached_step._cache_size()
+    summary = _summarize(cfg, meta, trainer, prepared)
     checkpoint.atomic_write_text(summary_path, json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("mode", "heldout_loss", "heldout_causal_loss",
                                               "unigram_loss", "wall_s")}, indent=2))
     return summary
 
 
-def _accumulate(meta, seg_start: float, seg_tokens: int):
-    meta["stage_wall_s"] += time.perf_counter() - seg_start
-    meta["stage_tokens"] += seg_tokens
+def _resume(ckpt, trainer: Trainer, all_phases, workdir: str):
+    """(meta, data_state, (trainable, opt_state) or None) of the latest checkpoint."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return _fresh_meta(), {}, None
+    meta = ckpt.meta(latest)
+    meta.setdefault("stage_nonfinite", 0)
+    mid = meta["step"] > 0 and not meta["done"]
+    like = trainer.abstract_state(all_phases[meta["stage"]]) if mid else (None, None)
+    data_state, trainable, opt_state = ckpt.restore(latest, *like)
+    where = all_phases[meta["stage"]].name if not meta["done"] else "the end"
+    print(f"resuming {workdir} at {where}, step {meta['step']} (checkpoint {latest})")
+    return meta, data_state, (trainable, opt_state) if mid else None
 
 
-def _summarize(cfg, meta, params, prepared, heldout) -> dict:
-    rack = rack_from_params(cfg.model, params)
-    mask_id = prepared.tokenizer.mask_id
-    return {
+class _Loop:
+    """The steps of one phase, checkpoints and metrics."""
+
+    def __init__(self, cfg, trainer: Trainer, ckpt, metrics, meta: dict, max_steps, progress):
+        self.cfg, self.trainer, self.ckpt, self.metrics = cfg, trainer, ckpt, metrics
+        self.meta, self.max_steps, self.progress = meta, max_steps, progress
+        self.steps_this_call = 0
+        self.interrupt = None
+        self.run: OpenPhase | None = None
+
+    def save(self, run: OpenPhase | None):
+        """A checkpoint of the current position; mid-phase it holds `run`'s trainable state."""
+        meta = self.meta
+        if self.ckpt.latest_step() == meta["global_step"]:
+            return  # saved at this step already (a stop right after a periodic save)
+        mid = run is not None and meta["step"] > 0
+        self.ckpt.save(meta["global_step"], dict(meta), self.trainer.data_state(run, meta["step"]),
+                       run.trainable if mid else None, run.opt_state if mid else None)
+
+    def train(self, run: OpenPhase) -> bool:
+        """Runs the phase's remaining steps; False when stopped early (saved)."""
+        cfg, meta, phase = self.cfg, self.meta, run.phase
+        tokens_per_step = self.trainer.rows_per_step * cfg.data.seq_len
+        bar = tqdm(total=phase.n_steps, initial=meta["step"], disable=not self.progress,
+                   dynamic_ncols=True,
+                   desc=f"{phase.name} ({_count(run.trainable) / 1e6:.2f}M trainable, "
+                        f"from {phase.inputs})")
+        seg_start, seg_tokens = time.perf_counter(), 0
+        last_log_t, since_log_tokens, since_log_skipped, streak = seg_start, 0, 0, 0
+
+        def account():
+            nonlocal seg_start, seg_tokens
+            meta["stage_wall_s"] += time.perf_counter() - seg_start
+            meta["stage_tokens"] += seg_tokens
+            seg_start, seg_tokens = time.perf_counter(), 0
+
+        try:
+            while meta["step"] < phase.n_steps:
+                if self.must_stop():
+                    account()
+                    self.save(run)
+                    self.raise_if_interrupted()
+                    return False
+                batch = jax.tree.map(jnp.asarray, next(run.batches))
+                key = step_lib.step_key(cfg.training.seed, phase.index, meta["step"])
+                run.trainable, run.opt_state, loss, finite = run.step(
+                    run.trainable, run.frozen, run.opt_state, batch, key)
+                memory.sample()
+                meta["step"] += 1
+                meta["global_step"] += 1
+                self.steps_this_call += 1
+                seg_tokens += tokens_per_step
+                since_log_tokens += tokens_per_step
+                bar.update(1)
+                if bool(finite):
+                    streak = 0
+                else:
+                    streak += 1
+                    since_log_skipped += 1
+                    meta["stage_nonfinite"] += 1
+                    self.metrics.write({"stage": phase.index, "step": meta["step"],
+                                        "global_step": meta["global_step"], "nonfinite": True,
+                                        "loss": float(loss) if np.isfinite(float(loss)) else None})
+                    if streak >= cfg.training.max_nonfinite_steps:
+                        self._stop_nonfinite(phase, streak)
+                if meta["step"] % cfg.training.log_every == 0 or meta["step"] == phase.n_steps:
+                    now = time.perf_counter()
+                    tok_s = since_log_tokens / (now - last_log_t)
+                    record = {"stage": phase.index, "step": meta["step"],
+                              "global_step": meta["global_step"], "loss": float(loss),
+                              "tokens_per_s": tok_s, "nonfinite_steps": since_log_skipped}
+                    self.metrics.write(record)
+                    last_log_t, since_log_tokens, since_log_skipped = now, 0, 0
+                    bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tok_s:,.0f}")
+                periodic = meta["global_step"] % cfg.checkpoint.every_steps == 0
+                if periodic and meta["step"] < phase.n_steps and streak == 0:
+                    account()
+                    self.save(run)  # never inside a run of non-finite steps
+        finally:
+            bar.close()
+        account()
+        return True
+
+    def must_stop(self) -> bool:
+        stop_here = self.max_steps is not None and self.steps_this_call >= self.max_steps
+        return stop_here or (self.interrupt is not None and self.interrupt.requested)
+
+    def raise_if_interrupted(self):
+        if self.interrupt is not None and self.interrupt.requested:
+            raise KeyboardInterrupt
+
+    def _stop_nonfinite(self, phase: Phase, streak: int):
+        latest = self.ckpt.latest_step()
+        where = (f"the last checkpoint (global step {latest}) is from before them"
+                 if latest is not None else "no checkpoint was written")
+        raise UserError(
+            f"{phase.name} (phase {phase.index}), step {self.meta['step']}: {streak} steps in a "
+            f"row had a non-finite loss or gradients and were skipped (training.max_nonfinite_"
+            f"steps={self.cfg.training.max_nonfinite_steps}); {where}. See metrics.jsonl. Lower "
+            "training.learning_rate, use fp32 or bf16 compute "
+            "(training.progressive.new_stack_precision), or check the data")
+
+
+def _summarize(cfg, meta, trainer: Trainer, prepared) -> dict:
+    n_phases = len(phases.all_phases(cfg))
+    losses = trainer.evaluator.losses(cfg.model.architecture.n_stacks, n_phases,
+                                      ratios=cfg.eval.mask_ratios, causal=True)
+    summary = {
         "mode": config_lib.mode_name(cfg),
-        "heldout_loss": {str(t): evaluate.masked_diffusion_loss(rack, heldout, t, mask_id)
-                         for t in cfg.eval.mask_ratios},
-        "heldout_causal_loss": evaluate.causal_loss(rack, heldout),
-        "unigram_loss": evaluate.unigram_loss(prepared.train_rows, heldout, cfg.model.vocab_size),
-        "heldout_tokens": int(sum(np.asarray(b).size for b in heldout)),
+        "heldout_loss": {str(t): losses[str(t)] for t in cfg.eval.mask_ratios},
+        "heldout_causal_loss": losses["causal"],
+        "eval_format": phases.eval_format(cfg),
+        "unigram_loss": evaluate.unigram_loss(prepared.train_rows, trainer.heldout,
+                                              cfg.model.vocab_size),
+        "heldout_tokens": int(sum(np.asarray(b).size for b in trainer.heldout)),
         "tokens_seen": int(sum(s["tokens"] for s in meta["stages"])),
         "wall_s": round(sum(s["wall_s"] for s in meta["stages"]), 2),
         "stages": meta["stages"],
         "params": param_counts(cfg.model),
+        "disk_bytes": {"stores": store.disk_bytes(trainer.workdir)},
+        "peak_rss_bytes": memory.process_peak_rss_bytes(),  # of this call's process
         "train_files": [os.path.basename(p) for p in prepared.train_files],
         "heldout_files": [os.path.basename(p) for p in prepared.heldout_files],
     }
+    cached = [n for key, n in trainer.compilations.items() if ("inputs", "cache") in key]
+    if cached:
+        summary["cached_step_compilations"] = cached[0]
+    return summary
 
 
 # ------------------------------------------------------------------------------- CLI
@@ -347,7 +452,8 @@ def dry_run(cfg) -> None:
     counts = param_counts(cfg.model)
     print(f"mode: {config_lib.mode_name(cfg)}, {config_lib.n_stages(cfg)} stage(s) of "
           f"{config_lib.steps_in_stage(cfg)} steps, "
-          f"{cfg.data.batch_size * cfg.data.seq_len} tokens per step")
+          f"{cfg.data.batch_size * cfg.training.grad_accum_steps * cfg.data.seq_len} "
+          "tokens per step")
     width = max(len(k) for k in counts)
     for name, n in counts.items():
         print(f"  {name:<{width}}  {n:>16,d}  ({n / 1e9:.3f}B)")
@@ -364,17 +470,22 @@ def _main(argv):
             dry_run(cfg)
             return
         name = os.path.splitext(os.path.basename(FLAGS.config))[0]
-        memory = FLAGS.device_memory
-        if memory not in ("auto", "none"):
-            memory = plan_lib.parse_bytes(memory)
+        memory_flag = FLAGS.device_memory
+        if memory_flag not in ("auto", "none"):
+            memory_flag = plan_lib.parse_bytes(memory_flag)
         run(cfg, FLAGS.workdir or os.path.join("runs", name), max_steps=FLAGS.max_steps,
-            rebuild_cache=FLAGS.rebuild_cache, device_memory=None if memory == "none" else memory)
+            rebuild_cache=FLAGS.rebuild_cache,
+            device_memory=None if memory_flag == "none" else memory_flag)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
 
 
 def main():
+    plan_lib.use_whole_accelerator()  # before JAX starts a backend
     try:
         rest, overrides = config_lib.split_overrides(sys.argv[1:])
     except UserError as e:

@@ -11,6 +11,18 @@ from stackwise_jax import config
 logging.set_verbosity(logging.WARNING)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub
 
+
+@pytest.fixture(scope="session", autouse=True)
+def xla_compilation_cache(tmp_path_factory):
+    """Many tests train runs of the same small shapes, each building its jitted steps
+    afresh; XLA's persistent cache (fresh per session) compiles each program once."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)
+
 SUBJECTS = ["the king", "a sailor", "my sister", "the old dog", "our captain", "the miller",
             "a stranger", "the queen", "his friend", "the young clerk"]
 VERBS = ["finds", "loses", "carries", "remembers", "sells", "paints", "hides", "follows",

@@ -18,7 +18,9 @@ from flax import nnx  # noqa: E402
 
 from export import hf as export_hf  # noqa: E402
 from export import mapping, stream  # noqa: E402
-from stackwise_jax import checkpoint, config, data  # noqa: E402
+from export.importing import IMPORT_META  # noqa: E402
+from stackwise_jax import checkpoint, config, data, phases, store  # noqa: E402
+from stackwise_jax import run as run_lib  # noqa: E402
 from stackwise_jax.errors import UserError  # noqa: E402
 from stackwise_jax.run import abstract_params, load_run, rack_from_params  # noqa: E402
 
@@ -27,8 +29,8 @@ transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-META = {"stage": 2, "step": 0, "global_step": 6, "done": True, "stages": [],
-        "stage_wall_s": 0.0, "stage_tokens": 0}
+META = {"step": 0, "global_step": 6, "stages": [], "stage_wall_s": 0.0, "stage_tokens": 0,
+        "stage_nonfinite": 0}
 N_NEW = 32
 
 
@@ -66,12 +68,36 @@ def bpe():
 
 
 def write_run(workdir, cfg, params, tok, done=True):
+    """A run as the trainer leaves it at a phase boundary: each group's store, written by
+    the last phase that stores it (version index + 1), and a checkpoint holding only meta.
+    done=False: the last phase has not run (its stores are absent, its stack unborn)."""
     checkpoint.claim_workdir(workdir, cfg)
+    all_phases = phases.all_phases(cfg)
+    stage = len(all_phases) if done else len(all_phases) - 1
+    versions = {g: p.index + 1 for p in all_phases[:stage] for g in p.stores}
+    for group, version in sorted(versions.items()):
+        tree = params["stacks"][int(group[6:])] if group.startswith("stack_") else params[group]
+        store.write(workdir, group, version, tree, "fp32")
     ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
-    ckpt.save(6, params, meta=dict(META, done=done), data_state={})
+    ckpt.save(6, dict(META, stage=stage, done=done), data_state={})
     ckpt.close()
     tok.save(os.path.join(workdir, "tokenizer"))
     return workdir
+
+
+def store_path(run, group):
+    """The directory of the newest store of `group` in the run."""
+    return os.path.join(store.root(run), group, f"v{store.versions(run, group)[-1]:05d}")
+
+
+def forbid_whole_tree(monkeypatch):
+    """Makes any read of a whole group tree or of the whole Rack fail: the export must
+    stream array by array."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the export read a whole tree")
+    monkeypatch.setattr(run_lib.RunParams, "tree", refuse)
+    monkeypatch.setattr(store.Store, "tree", refuse)
+    monkeypatch.setattr(run_lib, "load_run", refuse)
 
 
 def load_hf(out_dir):
@@ -130,11 +156,12 @@ def check_parity(rack, out_dir, tok, tol=1e-4):
     dict(n_kv_heads=4, tie_embeddings=False, blocks_per_stack=3, rope_theta=500000.0,
          norm_eps=1e-6),
 ], ids=["gqa-untied-2x2", "mqa-tied-4x1", "mha-2x3"])
-def test_random_weights_parity(tmp_path, bpe, model):
+def test_random_weights_parity(tmp_path, bpe, model, monkeypatch):
     cfg = tiny_cfg(**model)
     params = random_params(cfg)
     run = write_run(str(tmp_path / "run"), cfg, params, bpe)
     out = str(tmp_path / "hf")
+    forbid_whole_tree(monkeypatch)
     assert export_hf.main([f"--workdir={run}", f"--out={out}", "--quiet"]) == 0
     assert os.path.exists(os.path.join(out, "model.safetensors"))  # small: one file
     hf_cfg = json.load(open(os.path.join(out, "config.json")))
@@ -185,9 +212,20 @@ def trained_run(tmp_path_factory, corpus_dir, bpe):
     return workdir
 
 
-def test_trained_weights_parity(tmp_path, trained_run):
+def test_trained_weights_parity(tmp_path, trained_run, monkeypatch):
     out = str(tmp_path / "hf")
-    assert export_hf.main([f"--workdir={trained_run}", f"--out={out}", "--quiet"]) == 0
+    with monkeypatch.context() as patch:
+        forbid_whole_tree(patch)
+        assert export_hf.main([f"--workdir={trained_run}", f"--out={out}", "--quiet"]) == 0
+    # what training left: every stack stored once, by the stage that trained it, started
+    # from the imported weights (3 small steps away from them; a fresh init is ~0.1 away)
+    assert store.versions(trained_run, "stack_00000") == [1]
+    assert store.versions(trained_run, "stack_00001") == [2]
+    imported = safetensors_dict(os.path.join(os.path.dirname(trained_run), "hf"))
+    trained = np.asarray(store.open_store(trained_run, "stack_00001", 2)
+                         .read("blocks.attn.q_proj.kernel"))[1].T
+    drift = np.abs(trained - imported["model.layers.3.self_attn.q_proj.weight"].numpy()).max()
+    assert 0 < drift < 0.02, drift
     loaded = load_run(trained_run, require_finished=True)
     assert loaded.step == 6  # 2 stages of 3 steps, started from the imported weights
     check_parity(loaded.rack, out, loaded.tokenizer)
@@ -197,6 +235,32 @@ def test_trained_weights_parity(tmp_path, trained_run):
     assert hf_tok(text)["input_ids"] == tok.encode(text)
     assert (hf_tok.mask_token, hf_tok.mask_token_id) == ("[MASK]", tok.mask_id)
     assert hf_tok.eos_token_id == tok.eos_id
+
+def test_unfinished_mid_phase_export(tmp_path, corpus_dir, monkeypatch, capsys):
+    """A run stopped inside stage 2: stage 1's groups come from their stores, what stage 2
+    trains (stack 1, final norm, head) from the checkpoint; the export matches load_run."""
+    if not os.path.exists(os.path.join(ROOT, "stackwise_jax", "train.py")):
+        pytest.skip("stackwise_jax/train.py is not written yet")
+    from stackwise_jax import resident, train
+    cfg = small_config(corpus_dir, **{"training.steps_per_stage": 3, "eval.batches": 1,
+                                      "eval.mask_ratios": (0.5,), "checkpoint.every_steps": 100})
+    run = str(tmp_path / "run")
+    train.run(cfg, run, max_steps=5, progress=False)  # stage 1, then 2 steps of stage 2
+    assert store.versions(run, "stack_00001") == []  # stack 1 lives in the checkpoint only
+    out = str(tmp_path / "hf")
+    assert_clean_error(*run_cli(capsys, f"--workdir={run}", f"--out={out}"),
+                       "has not finished training (latest checkpoint: phase 1, step 2)", tmp_path)
+    with monkeypatch.context() as patch:
+        forbid_whole_tree(patch)
+        assert export_hf.main([f"--workdir={run}", f"--out={out}", "--allow_unfinished",
+                               "--quiet"]) == 0
+    loaded = load_run(run)
+    assert not loaded.finished
+    check_parity(loaded.rack, out, loaded.tokenizer)
+    exported = safetensors_dict(out)["model.layers.2.self_attn.q_proj.weight"].numpy()
+    born = np.asarray(resident.init_stack(cfg, 1)["blocks"]["attn"]["q_proj"]["kernel"])[0].T
+    assert 0 < np.abs(exported - born).max() < 0.05  # trained (warmup: step 1 has lr 0)
+
 
 # ------------------------------------------------------------------------------- import
 
@@ -243,8 +307,27 @@ def test_hf_round_trip_identical(tmp_path, bpe, dtype, tied):
     overrides += [f"--config.model.architecture.{k}={m.architecture[k]}" for k in
                   ("n_stacks", "blocks_per_stack")] + ["--config.data.seq_len=64"]
     overrides += ["--config.training.train_head=first_stage"] if tied else []
+    stack_dtype = "bf16" if dtype == "bfloat16" else "fp32"  # bf16 weights fit bf16 stores
+    overrides += [f"--config.training.progressive.stack_storage_dtype={stack_dtype}"]
     assert export_hf.main([f"--import_from={hf_dir}", f"--workdir={run}", f"--config={cfg_file}",
                            "--quiet"] + overrides) == 0
+    # version-0 stores (stacks in stack_storage_dtype, the rest fp32), leaf names as the
+    # trainer's own parameters have them, and a checkpoint 0 holding only meta
+    expected = abstract_params(cfg.model)
+    for group in run_lib.RunParams(run).groups():
+        assert store.versions(run, group) == [0], group
+        s = store.open_store(run, group, 0)
+        assert s.dtype == (stack_dtype if group.startswith("stack_") else "fp32"), group
+        tree = (expected["stacks"][int(group[6:])] if group.startswith("stack_")
+                else expected[group])
+        want = {n: tuple(x.shape) for n, x in store.flatten(tree).items()}
+        assert {n: s.shape(n) for n in s.leaves} == want, group
+    ckpt = checkpoint.Checkpointer(run, 1, create=False)
+    assert ckpt.latest_step() == 0 and ckpt.meta(0) == IMPORT_META
+    assert ckpt.restore(0)[0] == {}
+    items = set(os.listdir(os.path.join(run, "checkpoints", "0")))
+    assert {"meta", "data"} <= items and not items & {"params", "trainable", "opt_state"}, items
+    ckpt.close()
     loaded = load_run(run)  # the trainer's loader accepts it, at step 0, not finished
     assert loaded.step == 0 and not loaded.finished
     assert loaded.tokenizer.mask_id == bpe.mask_id
@@ -354,8 +437,34 @@ def test_checkpoint_shapes_not_matching_config(tmp_path, bpe, capsys):
     checkpoint.atomic_write_text(os.path.join(run, "config.json"), config.to_json(wrong))
     out = tmp_path / "out"
     assert_clean_error(*run_cli(capsys, f"--workdir={run}", f"--out={out}"),
-                       "mlp/gate_proj/kernel has shape (2, 64, 128) but the run's config.json "
-                       "needs (2, 64, 96)", tmp_path)
+                       "stored tensor stack_00000/blocks.mlp.gate_proj.kernel has shape "
+                       "(2, 64, 128) but the run's config.json needs (2, 64, 96)", tmp_path)
+    assert not out.exists()
+
+
+def test_truncated_or_missing_store_names_the_stack(tmp_path, bpe, capsys):
+    """A store whose .npy lost its tail, or a stack whose store is gone: one clean error
+    naming the stack (store.py's message), exit code 2, nothing half-written."""
+    cfg = tiny_cfg()
+    run = write_run(str(tmp_path / "run"), cfg, random_params(cfg), bpe)
+    out = tmp_path / "out"
+    npy = os.path.join(store_path(run, "stack_00001"), "blocks.mlp.up_proj.kernel.npy")
+    with open(npy, "r+b") as f:
+        f.truncate(os.path.getsize(npy) - 100)
+    rc, err = run_cli(capsys, f"--workdir={run}", f"--out={out}")
+    assert_clean_error(rc, err, "stored parameters of stack 1", tmp_path)
+    assert "truncated" in err and "blocks.mlp.up_proj.kernel.npy" in err, err
+    assert not out.exists()
+
+    import shutil
+    shutil.rmtree(os.path.join(store.root(run), "stack_00001"))
+    rc, err = run_cli(capsys, f"--workdir={run}", f"--out={out}")
+    assert_clean_error(rc, err, "stored parameters of stack 1 are missing", tmp_path)
+    assert not out.exists()
+
+    os.remove(os.path.join(store_path(run, "embed"), store.MANIFEST))  # a half-written store
+    rc, err = run_cli(capsys, f"--workdir={run}", f"--out={out}")
+    assert_clean_error(rc, err, "stored parameters of the embedding", tmp_path)
     assert not out.exists()
 
 

@@ -10,10 +10,16 @@ import pytest
 from flax import nnx
 
 from conftest import small_config
-from stackwise_jax import config, fusion, objective, train
+from stackwise_jax import config, fusion, objective, phases, resident, step, store, train
 from stackwise_jax.errors import UserError
-from stackwise_jax.model import Rack
 from stackwise_jax.run import load_run, rack_from_params
+
+
+def masked_diffusion_loss(logits_BxLxV, targets_BxL, masked_BxL):
+    """The objective's definition on logits: mean cross-entropy over masked positions."""
+    ce = jax.nn.logsumexp(logits_BxLxV, -1) - jnp.take_along_axis(
+        logits_BxLxV, targets_BxL[..., None], -1)[..., 0]
+    return jnp.where(masked_BxL, ce, 0.0).sum() / masked_BxL.sum()
 
 
 def params_of(workdir):
@@ -30,30 +36,38 @@ def fusion_config(corpus_dir, **kw):
 
 
 @pytest.mark.parametrize("base", ["fp32", "nf4"])
-def test_merged_rack_computes_what_fusion_trained(corpus_dir, base):
+def test_merged_rack_computes_what_fusion_trained(corpus_dir, tmp_path, base):
     cfg = fusion_config(corpus_dir, **{"training.fusion.base_precision": base})
-    template = nnx.eval_shape(lambda: Rack(cfg.model, nnx.Rngs(0)))
-    params = nnx.to_pure_dict(nnx.state(Rack(cfg.model, nnx.Rngs(0)), nnx.Param))
-    part = fusion.partition(template, cfg)
-    frozen = fusion.store_base(part, params, cfg)
-    adapters = fusion.init_adapters(cfg, frozen["trunk"])
+    wd = str(tmp_path)
+    n = cfg.model.architecture.n_stacks
+    for k in range(n):
+        store.write(wd, store.stack_group(k), k + 1, resident.init_stack(cfg, k))
+    top = resident.init_top(cfg)
+    for g in ("embed", "final_norm", "head"):
+        store.write(wd, g, n, top[g])
+    phase = phases.fusion(cfg)
+    frozen = resident.frozen_state(cfg, wd, phase)
+    adapters = resident.trainable_at_start(cfg, wd, phase, frozen["trunk"])["adapters"]
     assert set(adapters["attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     # Trained adapters: B is no longer zero.
     adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
                             adapters)
     ids = jax.random.randint(jax.random.key(2), (2, cfg.data.seq_len), 0, 299)
-    key = jax.random.key(3)
-    adapted = fusion.make_loss_fn(cfg, part, 299)(adapters, frozen, ids, key)
+    batch = objective.prepare_tokens(jax.random.key(3), ids, "masked_diffusion",
+                                     phase.mask_range, 299)
+    loss_sum = step.make_loss_sum(cfg, phase, resident.Template(cfg.model, 0))
+    den = objective.loss_denominator(batch, "mean")
+    adapted = loss_sum({"adapters": adapters}, frozen, batch) / den
 
-    merged = fusion.merge(params, frozen, adapters, cfg)
-    rack = rack_from_params(cfg.model, merged)
-    inputs, masked, t = objective.sample_mask(key, ids, cfg.training.min_mask_fraction,
-                                              cfg.training.max_mask_fraction, 299)
-    plain = objective.masked_diffusion_loss(rack(inputs, "bidirectional"), ids, masked, t, "mean")
+    fusion.store_merged(cfg, wd, frozen["trunk"], adapters, n + 1)
+    merged = {g: top[g] for g in ("embed", "final_norm", "head")}
+    merged["stacks"] = {k: store.open_store(wd, store.stack_group(k), n + 1).tree()
+                        for k in range(n)}
+    rack = rack_from_params(cfg.model, jax.tree.map(jnp.asarray, merged))
+    plain = masked_diffusion_loss(rack(batch["inputs"], "bidirectional"), ids, batch["valid"])
     np.testing.assert_allclose(plain, adapted, rtol=1e-5)
     # The adapters moved the loss: merging them is not a no-op.
-    base_loss = fusion.make_loss_fn(cfg, part, 299)(
-        jax.tree.map(jnp.zeros_like, adapters), frozen, ids, key)
+    base_loss = loss_sum({"adapters": jax.tree.map(jnp.zeros_like, adapters)}, frozen, batch) / den
     assert abs(float(base_loss) - float(adapted)) > 1e-3
 
 
@@ -67,8 +81,8 @@ def test_fusion_trains_only_adapters_and_changes_every_stack(corpus_dir, tmp_pat
     after = params_of(wd)
     record = summary["stages"][-1]
     assert record["phase"] == "fusion" and record["steps"] == 6
-    n_adapter = sum(x.size for x in jax.tree.leaves(fusion.adapters_like(
-        cfg, nnx.eval_shape(lambda: Rack(cfg.model, nnx.Rngs(0))))))
+    n_adapter = sum(x.size for x in jax.tree.leaves(
+        resident.abstract_trainable(cfg, phases.fusion(cfg))))
     assert record["trainable_params"] == n_adapter
     for name in ("embed", "final_norm", "head"):
         for path, value in leaves(before[name]).items():

@@ -25,8 +25,9 @@ def loss_and_grad_fn(m, chunk=0, weighting="mean"):
     def loss(params, ids, masked, t):
         r = nnx.merge(graphdef, params)
         hidden = r.run_stacks(r.embed(ids), 0, 1, "bidirectional")
-        return objective.masked_diffusion_loss_from_hidden(hidden, r.logits, ids, masked, t,
-                                                           weighting, chunk)
+        batch = {"targets": ids, "valid": masked, "t": t}
+        return (objective.loss_numerator(hidden, r.logits, batch, weighting, chunk)
+                / objective.loss_denominator(batch, weighting))
 
     return jax.value_and_grad(loss), params
 
@@ -54,8 +55,10 @@ def test_chunked_causal_loss_equals_plain():
     ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 11)
     expected = objective.causal_loss(logits_fn(h), ids)
     for chunk in (0, 4):
-        np.testing.assert_allclose(objective.causal_loss_from_hidden(h, logits_fn, ids, chunk),
-                                   expected, rtol=1e-6)
+        batch = objective.prepare_tokens(None, ids, "causal", (0.0, 0.0), 0)
+        got = (objective.loss_numerator(h, logits_fn, batch, "mean", chunk)
+               / objective.loss_denominator(batch, "mean"))
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ["full", "save_dots"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import small_config
-from stackwise_jax import config, stages, train
+from stackwise_jax import config, objective, phases, resident, step, store, train
 from stackwise_jax.run import load_run
 from flax import nnx
 
@@ -47,14 +47,12 @@ def test_frozen_stacks_are_bit_identical_after_a_stage_with_weight_decay(corpus_
 
 def test_stage_partition_has_no_optimizer_state_for_the_trunk(corpus_dir):
     cfg = small_config(corpus_dir, **{"model.architecture.n_stacks": 3})
-    from stackwise_jax.model import Rack
-    rack = Rack(cfg.model, nnx.Rngs(0))
-    params = nnx.to_pure_dict(nnx.state(rack, nnx.Param))
-    plan = stages.plan_stage(cfg, 1)
-    trainable, frozen = stages.Partition(rack, plan).split(params)
-    assert set(trainable) == {"stacks", "final_norm", "head"} and set(trainable["stacks"]) == {1}
-    assert set(frozen) == {"stacks", "embed"} and set(frozen["stacks"]) == {0}  # stack 2 does not run
-    opt_state = train.make_optimizer(cfg.training, 10).init(trainable)
+    phase = phases.stage(cfg, 1)
+    assert phase.trained_stacks == (1,) and phase.trunk_stacks == (0,)  # stack 2 does not run
+    assert phase.train_top == {"final_norm", "head"} and phase.frozen_top == {"embed"}
+    trainable = resident.abstract_trainable(cfg, phase)
+    assert set(trainable) == {"stacks", "final_norm", "head"} and set(trainable["stacks"]) == {0}
+    opt_state = jax.eval_shape(train.optim.make_optimizer(cfg.training, 10).init, trainable)
     n_opt = sum(x.size for x in jax.tree.leaves(opt_state))
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     assert n_opt <= 2 * n_trainable + 10  # Adam's mu and nu for the trainable leaves only
@@ -62,32 +60,33 @@ def test_stage_partition_has_no_optimizer_state_for_the_trunk(corpus_dir):
 
 def test_stop_gradient_trunk_gets_no_gradient(corpus_dir):
     cfg = small_config(corpus_dir)
-    from stackwise_jax.model import Rack
-    rack = Rack(cfg.model, nnx.Rngs(0))
-    params = nnx.to_pure_dict(nnx.state(rack, nnx.Param))
-    partition = stages.Partition(rack, stages.plan_stage(cfg, 1))
-    trainable, frozen = partition.split(params)
-    loss_fn = train.make_loss_fn(cfg, partition, (0.5, 0.5), 1)
+    phase = phases.stage(cfg, 1)
+    top = resident.init_top(cfg)
+    trainable = {"stacks": {0: resident.init_stack(cfg, 1)}, "final_norm": top["final_norm"],
+                 "head": top["head"]}
+    frozen = {"embed": top["embed"], "trunk": resident.init_stack(cfg, 0)["blocks"]}
+    loss_sum = step.make_loss_sum(cfg, phase, resident.Template(cfg.model, 1))
     ids = jax.random.randint(jax.random.key(0), (2, 16), 2, 300)
-    g_trunk = jax.grad(loss_fn, argnums=1)(trainable, frozen, ids, jax.random.key(1))
+    batch = objective.prepare_tokens(jax.random.key(1), ids, "masked_diffusion", (0.5, 0.5), 1)
+    g_trunk = jax.grad(loss_sum, argnums=1)(trainable, frozen, batch)
     assert all(float(abs(x).max()) == 0.0 for x in jax.tree.leaves(g_trunk))
-    g_train = jax.grad(loss_fn)(trainable, frozen, ids, jax.random.key(1))
+    g_train = jax.grad(loss_sum)(trainable, frozen, batch)
     assert all(float(abs(x).max()) > 0.0 for x in jax.tree.leaves(g_train))
 
 
 @pytest.mark.parametrize("enabled,trunk,expected", [
-    (True, "frozen", [(0, 1), (1, 2), (2, 3)]),
-    (True, "trainable", [(0, 1), (0, 2), (0, 3)]),
-    (False, "frozen", [(0, 3)]),
+    (True, "frozen", [((0,), ()), ((1,), (0,)), ((2,), (0, 1))]),
+    (True, "trainable", [((0,), ()), ((0, 1), ()), ((0, 1, 2), ())]),
+    (False, "frozen", [((0, 1, 2), ())]),
 ])
 def test_modes_plan_what_trains(corpus_dir, enabled, trunk, expected):
     cfg = small_config(corpus_dir, **{"model.architecture.n_stacks": 3,
                                       "training.progressive.enabled": enabled,
                                       "training.progressive.trunk_strategy": trunk})
-    plans = [stages.plan_stage(cfg, k) for k in range(config.n_stages(cfg))]
-    assert [(p.first_trainable_stack, p.n_stacks_run) for p in plans] == expected
-    assert [p.train_embedding for p in plans] == [True] + [False] * (len(plans) - 1)
-    assert all(p.train_head and p.train_final_norm for p in plans)
+    plans = phases.all_phases(cfg)
+    assert [(p.trained_stacks, p.trunk_stacks) for p in plans] == expected
+    assert ["embed" in p.train_top for p in plans] == [True] + [False] * (len(plans) - 1)
+    assert all({"head", "final_norm"} <= p.train_top for p in plans)
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(corpus_dir, tmp_path):
@@ -104,6 +103,12 @@ def test_resume_after_interruption_matches_uninterrupted_run(corpus_dir, tmp_pat
     assert summary_cut["heldout_loss"] == summary_full["heldout_loss"]
     steps = [json.loads(l)["global_step"] for l in open(os.path.join(cut, "metrics.jsonl"))]
     assert steps == sorted(set(steps)) == [2, 4, 6, 8, 10, 12]
+    for k in range(2):  # each stack stored once, by its stage, with the same bytes
+        group = store.stack_group(k)
+        assert store.versions(cut, group) == [k + 1]
+        assert (store.open_store(cut, group, k + 1).leaves
+                == store.open_store(full, group, k + 1).leaves)  # sha256 per array
+    assert store.versions(cut, "head") == [2]  # the older head was dropped
 
 
 def test_resume_after_crash_uses_last_periodic_checkpoint(corpus_dir, tmp_path):
@@ -228,3 +233,30 @@ def test_quantised_frozen_trunk_is_used_and_masters_stay_intact(corpus_dir, tmp_
     # Stage 1 runs stack 0 from nf4 storage: different numbers, same ballpark.
     assert losses["fp32"] != losses["nf4"]
     np.testing.assert_allclose(losses["nf4"], losses["fp32"], rtol=0.1)
+
+
+def test_ctrl_c_saves_a_checkpoint_after_the_current_step(corpus_dir, tmp_path):
+    import signal
+    import time
+
+    wd = tmp_path / "run"
+    args = ["--config=configs/tiny.py", f"--workdir={wd}",
+            f"--config.data.files={os.path.join(corpus_dir, '*.txt')}",
+            "--config.data.heldout_files=heldout.txt", "--config.model.vocab_size=300",
+            "--config.model.d_model=32", "--config.model.n_heads=4", "--config.model.n_kv_heads=2",
+            "--config.model.d_ff=64", "--config.data.seq_len=32", "--config.data.batch_size=4",
+            "--config.training.steps_per_stage=100000", "--config.training.log_every=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "stackwise_jax.train", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = wd / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err, err
+    steps = [json.loads(line)["global_step"] for line in metrics.read_text().splitlines()]
+    latest = max(int(p) for p in os.listdir(wd / "checkpoints") if p.isdigit())
+    assert latest == steps[-1] >= 3  # saved at the step it stopped after, nothing lost
+    assert not [p for p in os.listdir(wd / "checkpoints") if "tmp" in p]
