@@ -28,8 +28,6 @@ from stackwise_jax import config as config_lib
 from stackwise_jax import objective
 from stackwise_jax.store import TOP_GROUPS, stack_group
 
-COMPUTE_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
