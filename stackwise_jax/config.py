@@ -29,6 +29,9 @@ FROZEN_PRECISIONS = ("fp32", "bf16", "fp8", "nf4")  # fp8: e4m3 per channel; nf4
 REMAT_POLICIES = ("none", "full", "save_dots")
 OPTIMIZER_STATE_DTYPES = ("fp32", "bf16")
 STACK_STORAGE_DTYPES = ("fp32", "bf16")  # finished stacks on disk (store.py)
+NEW_STACK_INITS = ("random", "copy")
+STEP_SPLITS = ("equal", "increasing", "decreasing")
+FUSION_MODES = ("lora", "block")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -96,11 +99,22 @@ def defaults() -> ml_collections.ConfigDict:
     # Finished stacks are stored once, in this dtype (bf16 halves a run's disk; needs a
     # frozen trunk, since the stored copy is what every later phase reads).
     c.training.progressive.stack_storage_dtype = "fp32"
+    # How stack k >= 1 starts: 'random' (from its own (seed, k) key) or 'copy' (the
+    # weights stack k - 1 ended its stage with).
+    c.training.progressive.new_stack_init = "random"
+    # How the stages share the budget of steps_per_stage * n_stacks steps: 'equal', or
+    # linearly 'increasing' / 'decreasing' with depth (stage k gets a share k + 1 or n - k).
+    c.training.progressive.step_split = "equal"
 
-    # Fusion: a joint phase after all stages that trains QLoRA adapters on every stack
-    # (stackwise_jax/fusion.py), then merges them into the weights.
+    # Fusion: a joint phase after all stages (stackwise_jax/fusion.py). mode 'lora': QLoRA
+    # adapters on every stack over a frozen base, merged into the weights at the end.
+    # mode 'block': block-coordinate, one stack at a time trains at full precision while
+    # every other stack is frozen in base_precision (the memory of one stage); the turns
+    # cycle over the stacks block_cycles times and share fusion.steps equally.
     c.training.fusion = ml_collections.ConfigDict()
+    c.training.fusion.mode = "lora"
     c.training.fusion.steps = 0  # 0: no fusion phase
+    c.training.fusion.block_cycles = 1
     c.training.fusion.objective = "masked_diffusion"  # or causal: adapt to causal inference
     c.training.fusion.learning_rate = 1e-3
     c.training.fusion.lora_rank = 8
@@ -117,6 +131,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.checkpoint.max_to_keep = 2
 
     c.eval = ml_collections.ConfigDict()
+    # Held-out batches (data.batch_size rows each) scored after each phase and in
+    # summary.json, spread evenly over the whole held-out split; 0: every held-out row.
     c.eval.batches = 8
     c.eval.mask_ratios = (0.15, 0.5, 0.9)
     return c
@@ -317,6 +333,12 @@ def validate(cfg) -> None:
                         "and would lose their float32 master weights between stages")
     if p.cache_activations:
         _validate_cache(cfg)
+    _enum(p.new_stack_init, "training.progressive.new_stack_init", NEW_STACK_INITS)
+    _enum(p.step_split, "training.progressive.step_split", STEP_SPLITS)
+    if not p.enabled and (p.new_stack_init != "random" or p.step_split != "equal"):
+        raise UserError("training.progressive.new_stack_init and step_split shape a "
+                        "progressive run; an end-to-end run (training.progressive.enabled="
+                        "False) takes 'random' and 'equal'")
     _positive_int(t.steps_per_stage, "training.steps_per_stage")
     _positive_int(t.log_every, "training.log_every")
     _positive_int(t.grad_accum_steps, "training.grad_accum_steps")
@@ -330,6 +352,18 @@ def validate(cfg) -> None:
     if not isinstance(f.steps, int) or isinstance(f.steps, bool) or f.steps < 0:
         raise UserError(f"training.fusion.steps={f.steps!r} must be an integer >= 0 (0: no fusion)")
     _enum(f.objective, "training.fusion.objective", OBJECTIVES)
+    _enum(f.mode, "training.fusion.mode", FUSION_MODES)
+    _positive_int(f.block_cycles, "training.fusion.block_cycles")
+    if f.mode == "block" and f.steps:
+        turns = f.block_cycles * a.n_stacks
+        if f.steps % turns:
+            raise UserError(f"training.fusion.steps={f.steps} must be a multiple of "
+                            f"training.fusion.block_cycles x model.architecture.n_stacks = "
+                            f"{turns}: block fusion gives every turn the same steps")
+        if p.stack_storage_dtype != "fp32":
+            raise UserError(f"training.fusion.mode='block' trains stored stacks again, so it "
+                            "needs training.progressive.stack_storage_dtype='fp32' (their "
+                            "float32 master weights)")
     _enum(f.base_precision, "training.fusion.base_precision", FROZEN_PRECISIONS)
     _enum(f.remat, "training.fusion.remat", REMAT_POLICIES)
     _positive_int(f.lora_rank, "training.fusion.lora_rank")
@@ -342,7 +376,9 @@ def validate(cfg) -> None:
                         f"more of {', '.join(PROJECTIONS)}")
     _positive_int(cfg.checkpoint.every_steps, "checkpoint.every_steps")
     _positive_int(cfg.checkpoint.max_to_keep, "checkpoint.max_to_keep")
-    _positive_int(cfg.eval.batches, "eval.batches")
+    b = cfg.eval.batches
+    if not isinstance(b, int) or isinstance(b, bool) or b < 0:
+        raise UserError(f"eval.batches={b!r} must be an integer >= 0 (0: every held-out row)")
     if not cfg.eval.mask_ratios or not all(0.0 < r <= 1.0 for r in cfg.eval.mask_ratios):
         raise UserError(f"eval.mask_ratios={cfg.eval.mask_ratios} must be ratios in (0, 1]")
 
@@ -366,10 +402,21 @@ def n_stages(cfg) -> int:
     return cfg.model.architecture.n_stacks if cfg.training.progressive.enabled else 1
 
 
-def steps_in_stage(cfg) -> int:
-    """End-to-end gets the whole token budget of a progressive run in its one stage."""
-    t = cfg.training
-    return t.steps_per_stage if t.progressive.enabled else t.steps_per_stage * cfg.model.architecture.n_stacks
+def steps_in_stage(cfg, k: int = 0) -> int:
+    """Steps of stage k. End-to-end gets the whole token budget of a progressive run in
+    its one stage; a progressive run shares it by training.progressive.step_split (the
+    rounding remainder goes to the last stage, so the total is exact)."""
+    t, n = cfg.training, cfg.model.architecture.n_stacks
+    total = t.steps_per_stage * n
+    if not t.progressive.enabled:
+        return total
+    split = t.progressive.step_split
+    if split == "equal":
+        return t.steps_per_stage
+    shares = [i + 1 if split == "increasing" else n - i for i in range(n)]
+    steps = [total * s // sum(shares) for s in shares]
+    steps[-1] += total - sum(steps)
+    return steps[k]
 
 
 def mode_name(cfg) -> str:

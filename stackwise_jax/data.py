@@ -590,10 +590,21 @@ def train_batches(rows_NxL, batch_size: int, seed: int):
 
 
 def heldout_batches(rows_NxL: np.ndarray, batch_size: int, n_batches: int) -> list[np.ndarray]:
-    if len(rows_NxL) < batch_size:
-        return [np.asarray(rows_NxL, np.int32)]
-    n = max(1, min(n_batches, len(rows_NxL) // batch_size))
-    return [np.asarray(rows_NxL[i * batch_size:(i + 1) * batch_size], np.int32) for i in range(n)]
+    """n_batches batches of batch_size consecutive held-out rows, spread evenly over all rows
+    (the held-out files are concatenated in order, so every file's region is scored, not only
+    the first file's); n_batches=0: every row, in order, the last batch possibly shorter.
+
+    The batches are the middles of n equal parts of the whole batches the rows hold:
+    deterministic, the same for every run of one held-out split and tokenizer.
+    """
+    n_rows = len(rows_NxL)
+    if n_batches == 0 or n_rows <= batch_size:
+        starts = range(0, n_rows, batch_size)
+    else:
+        whole = n_rows // batch_size
+        n = min(n_batches, whole)
+        starts = [((2 * i + 1) * whole // (2 * n)) * batch_size for i in range(n)]
+    return [np.asarray(rows_NxL[s:s + batch_size], np.int32) for s in starts]
 
 # ------------------------------------------------------------------------------ prepare
 

@@ -57,18 +57,35 @@ def scale_by_adam(state_dtype) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(t_cfg, n_steps: int, learning_rate: float | None = None
-                   ) -> optax.GradientTransformation:
-    """AdamW with warmup + cosine decay; weight decay on matrices only (not norms).
-    learning_rate: peak rate, training.learning_rate unless given (fusion has its own)."""
+# Leaves that are matrices: projections and head ("kernel"), the embedding, LoRA factors.
+# RMSNorm gains are never decayed: a stack's norms are (blocks_per_stack, d_model), so a
+# rule by ndim would decay them toward zero, shrinking every normalised activation.
+DECAYED_LEAVES = ("kernel", "embedding", "lora_a", "lora_b")
+
+
+def decay_mask(params):
+    """True for the leaves weight decay applies to (by name, not by shape)."""
+    def decayed(path, _):
+        last = path[-1]
+        name = getattr(last, "key", getattr(last, "name", None))
+        return name in DECAYED_LEAVES
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def make_optimizer(t_cfg, n_steps: int, learning_rate: float | None = None,
+                   offset: int = 0) -> optax.GradientTransformation:
+    """AdamW with warmup + cosine decay over n_steps; weight decay on matrices only.
+    learning_rate: peak rate, training.learning_rate unless given (fusion has its own).
+    offset: the schedule starts at this step (a phase that continues a longer schedule
+    with fresh moments: block fusion's turns)."""
     peak = t_cfg.learning_rate if learning_rate is None else learning_rate
-    schedule = optax.warmup_cosine_decay_schedule(
+    full = optax.warmup_cosine_decay_schedule(
         0.0, peak, t_cfg.warmup_steps, max(n_steps, t_cfg.warmup_steps + 1),
         end_value=0.1 * peak)
+    schedule = full if offset == 0 else (lambda count: full(count + offset))
     adamw = optax.chain(
         scale_by_adam(STATE_DTYPES[t_cfg.optimizer_state_dtype]),
-        optax.add_decayed_weights(t_cfg.weight_decay,
-                                  mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
+        optax.add_decayed_weights(t_cfg.weight_decay, mask=decay_mask),
         optax.scale_by_learning_rate(schedule))
     if t_cfg.grad_clip_norm > 0:
         adamw = optax.chain(optax.clip_by_global_norm(t_cfg.grad_clip_norm), adamw)

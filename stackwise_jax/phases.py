@@ -7,9 +7,10 @@ end-to-end), then fusion when `training.fusion.steps > 0`. A `Phase` says
   of a Rack of that many stacks, so every stage of the same shape compiles once),
   `train_top` (embed / final_norm / head), or, for fusion, LoRA `adapters`;
 - what it holds resident and in which format: `trunk_stacks`, frozen stacks run before
-  the trained ones as one scan, stored in `trunk_format` (fp32/bf16/fp8/nf4) and read
-  stack by stack from the per-stack stores; `frozen_top`, frozen top groups kept in the
-  compute dtype;
+  the trained ones as one scan, and `upper_stacks`, frozen stacks run after them (block
+  fusion; gradients cross them), both stored in `trunk_format` (fp32/bf16/fp8/nf4) and
+  read stack by stack from the per-stack stores; `frozen_top`, frozen top groups kept in
+  the compute dtype;
 - where its batches come from: `inputs` = "tokens" (the packed corpus, masks drawn each
   step) or "cache" (hidden states entering the first trained stack, activation cache);
 - what it stores when it ends: `stores`, the groups written to RUN_DIR/params
@@ -33,7 +34,7 @@ from stackwise_jax.store import TOP_GROUPS, stack_group
 class Phase:
     index: int  # position in the run; stores it writes get version index + 1
     name: str  # "stage 3/80" or "fusion", for logs
-    kind: str  # "stage" or "fusion"
+    kind: str  # "stage", "fusion" (LoRA) or "block" (a turn of block fusion)
     n_steps: int
     inputs: str  # "tokens" or "cache"
     trained_stacks: tuple[int, ...]
@@ -46,6 +47,7 @@ class Phase:
     mask_range: tuple[float, float]
     remat: str  # what each trunk layer keeps for backward when gradients cross the trunk
     stores: tuple[str, ...]  # groups written when the phase ends
+    upper_stacks: tuple[int, ...] = ()  # frozen stacks above the trained ones (block fusion)
 
     @property
     def n_local_stacks(self) -> int:
@@ -67,16 +69,19 @@ class Phase:
 
     @property
     def n_stacks_run(self) -> int:
-        """Stacks that run in this phase (the end-of-phase evaluation runs as many)."""
-        return len(self.trunk_stacks) + len(self.trained_stacks)
+        """Stacks 0..n-1 whose output this phase trains on (a stage from the activation
+        cache too, whose trunk ran when the cache was built): the end-of-phase evaluation
+        runs as many."""
+        return max(self.trunk_stacks + self.trained_stacks + self.upper_stacks) + 1
 
     def describe(self) -> str:
         what = ("LoRA adapters on every stack" if self.adapters else
                 ", ".join([f"stack{'s' if len(self.trained_stacks) > 1 else ''} "
                            + _ranges(self.trained_stacks)] + sorted(self.train_top)))
         src = "from the activation cache" if self.inputs == "cache" else "from tokens"
-        trunk = (f"; {len(self.trunk_stacks)} frozen stack(s) resident in {self.trunk_format}"
-                 if self.trunk_stacks else "")
+        n_frozen = len(self.trunk_stacks) + len(self.upper_stacks)
+        trunk = (f"; {n_frozen} frozen stack(s) resident in {self.trunk_format}"
+                 if n_frozen else "")
         return f"{self.name}: trains {what}, {src}{trunk}"
 
 
@@ -119,7 +124,7 @@ def stage(cfg, k: int) -> Phase:
     if cached and "embed" in frozen_top and not cfg.model.tie_embeddings:
         frozen_top -= {"embed"}  # inputs are hidden states: no lookup, no tied head
     phase = Phase(index=k, name=f"stage {k + 1}/{n_stages}" if n_stages > 1 else "stage 1/1",
-                  kind="stage", n_steps=config_lib.steps_in_stage(cfg),
+                  kind="stage", n_steps=config_lib.steps_in_stage(cfg, k),
                   inputs="cache" if cached else "tokens", trained_stacks=trained,
                   trunk_stacks=trunk, trunk_format=p.frozen_precision, train_top=train_top,
                   frozen_top=frozen_top, adapters=False, objective=t.objective,
@@ -144,10 +149,39 @@ def fusion(cfg) -> Phase:
                  stores=tuple(stack_group(k) for k in range(n)))
 
 
+def block_turns(cfg) -> list[Phase]:
+    """Block fusion: block_cycles passes over the stacks, bottom to top. In its turn stack
+    j trains at full precision with the final norm and head (unless their policy is
+    'never'); stacks below it are a frozen trunk, stacks above it are frozen too and
+    gradients cross them to stack j. The embedding stays as the stages left it: training
+    it would add its Adam state to a turn that already holds every other stack, more than
+    any stage holds."""
+    f, t = cfg.training.fusion, cfg.training
+    n, first = cfg.model.architecture.n_stacks, config_lib.n_stages(cfg)
+    steps = f.steps // (f.block_cycles * n)
+    turns = []
+    for i in range(f.block_cycles * n):
+        j = i % n
+        top = {g: g != "embed" and getattr(t, f"train_{g}") != "never" for g in TOP_GROUPS}
+        if cfg.model.tie_embeddings:  # the head is the embedding
+            top.pop("head")
+        train_top = frozenset(g for g, on in top.items() if on)
+        phase = Phase(index=first + i, name=f"block fusion {i + 1}/{f.block_cycles * n} "
+                      f"(stack {j})", kind="block", n_steps=steps, inputs="tokens",
+                      trained_stacks=(j,), trunk_stacks=tuple(range(j)),
+                      trunk_format=f.base_precision, train_top=train_top,
+                      frozen_top=frozenset(top) - train_top, adapters=False,
+                      objective=f.objective,
+                      mask_range=(t.min_mask_fraction, t.max_mask_fraction), remat=f.remat,
+                      stores=(), upper_stacks=tuple(range(j + 1, n)))
+        turns.append(dataclasses.replace(phase, stores=phase.trained_groups))
+    return turns
+
+
 def all_phases(cfg) -> list[Phase]:
     phases = [stage(cfg, k) for k in range(config_lib.n_stages(cfg))]
     if cfg.training.fusion.steps > 0:
-        phases.append(fusion(cfg))
+        phases += block_turns(cfg) if cfg.training.fusion.mode == "block" else [fusion(cfg)]
     return phases
 
 

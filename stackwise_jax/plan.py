@@ -17,6 +17,9 @@ trainer allocates (resident.abstract_*):
 - evaluation: the top groups, one stack in resident format, the held-out hidden states;
 - fusion's merge: all of the step's, plus one merged stack in float32.
 
+Block fusion (training.fusion.mode='block') is planned by its turn of stack 0, whose
+gradients cross every other stack.
+
 `non_temporary_bytes` is the largest of these (what measured `peak_live_bytes` in
 summary.json checks, tests/test_plan.py); `total_bytes` adds the step's XLA temporaries.
 The CPU compiler's buffer assignment is not a GPU's: read totals as estimates.
@@ -43,7 +46,7 @@ from stackwise_jax import cache, phases as phases_lib, resident, step as step_li
 from stackwise_jax import config as config_lib
 from stackwise_jax.checkpoint import disk_usage
 from stackwise_jax.errors import UserError
-from stackwise_jax.optim import init_state, make_optimizer
+from stackwise_jax.optim import init_state
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -53,6 +56,7 @@ DEVICES = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12,
 CACHED = "cached"  # phase key of the last stage trained from the activation cache
 FIRST = "stage0"  # the first stage: it may train the embedding as well as stack 0 and head
 FUSION = "fusion"  # adapters on every stack over the base in fusion.base_precision
+BLOCK = "block"  # block fusion's turn of stack 0: every other stack frozen above it
 ALLOCATOR_FRACTION = "0.95"
 
 
@@ -98,6 +102,7 @@ def flops_per_token(cfg, phase: phases_lib.Phase, stack_fwd: float | None = None
     m = cfg.model
     stack_fwd = _stack_forward_flops(cfg) if stack_fwd is None else stack_fwd
     trunk = len(phase.trunk_stacks) * stack_fwd * (1 if phase.stop_gradient else 3)
+    trunk += len(phase.upper_stacks) * stack_fwd * 2  # forward and input gradients
     head_fwd = 2 * m.vocab_size * m.d_model
     head = (3 if "head" in phase.train_top or (m.tie_embeddings and "embed" in phase.train_top)
             else 2) * head_fwd
@@ -149,10 +154,15 @@ def _cache_possible(cfg) -> bool:
 def all_phases(cfg) -> list[str]:
     """Phase keys the planner table shows: the first stage (when there are several), the
     last stage from the cache (when a frozen trunk makes it possible), the last stage with
-    the trunk resident in each storage format of config_lib.FROZEN_PRECISIONS, and fusion."""
+    the trunk resident in each storage format of config_lib.FROZEN_PRECISIONS, and fusion
+    in the configured training.fusion.mode."""
     first = [FIRST] if config_lib.n_stages(cfg) > 1 else []
     cached = [CACHED] if _cache_possible(cfg) else []
-    return first + cached + list(config_lib.FROZEN_PRECISIONS) + [FUSION]
+    return first + cached + list(config_lib.FROZEN_PRECISIONS) + [_fusion_key(cfg)]
+
+
+def _fusion_key(cfg) -> str:
+    return BLOCK if cfg.training.fusion.mode == "block" else FUSION
 
 
 def phases_for_run(cfg) -> list[str]:
@@ -163,7 +173,7 @@ def phases_for_run(cfg) -> list[str]:
     p = cfg.training.progressive
     last = [CACHED] if p.cache_activations and _cache_possible(cfg) else [p.frozen_precision]
     first = [FIRST] if config_lib.n_stages(cfg) > 1 else []
-    return first + last + ([FUSION] if cfg.training.fusion.steps > 0 else [])
+    return first + last + ([_fusion_key(cfg)] if cfg.training.fusion.steps > 0 else [])
 
 
 def _variant(cfg, **progressive):
@@ -183,6 +193,13 @@ def planned_phase(cfg, key: str):
         return c, phases_lib.stage(c, last)
     if key == FUSION:
         return cfg, phases_lib.fusion(_variant(cfg, cache_activations=False))
+    if key == BLOCK:
+        c = _variant(cfg, cache_activations=False)
+        with c.training.fusion.unlocked():
+            c.training.fusion.steps = max(c.training.fusion.steps,
+                                          c.training.fusion.block_cycles
+                                          * c.model.architecture.n_stacks)
+        return c, phases_lib.block_turns(c)[0]
     c = _variant(cfg, cache_activations=False, frozen_precision=key)
     return c, phases_lib.stage(c, last)
 
@@ -235,8 +252,7 @@ def analyze(cfg, key: str, budget: int, planned=None) -> dict:
     """The row of planner key `key`: the phase's step compiled, and every hold counted."""
     cfg, phase = planned or planned_phase(cfg, key)
     t = cfg.training
-    tx = (make_optimizer(t, max(t.fusion.steps, 1), t.fusion.learning_rate) if phase.adapters
-          else make_optimizer(t, config_lib.steps_in_stage(cfg)))
+    tx = step_lib.optimizer_for(cfg, phase)
     step, _ = step_lib.build(cfg, phase, tx, 0)
     trainable = resident.abstract_trainable(cfg, phase)
     frozen = resident.abstract_frozen(cfg, phase)
@@ -249,7 +265,7 @@ def analyze(cfg, key: str, budget: int, planned=None) -> dict:
     holds = {"step": _nbytes(trainable) + _nbytes(opt_state) + _nbytes(frozen) + _nbytes(batch)}
     if phase.adapters:  # at its end, each stack is merged (float32) while the rest is held
         holds["merge"] = holds["step"] + _nbytes(resident.abstract_stack(cfg))
-    if phase.trunk_stacks:
+    if phase.trunk_stacks or phase.upper_stacks:
         holds["trunk assembly"] = _nbytes(frozen) + _largest_stored_leaf(cfg)
     if phase.inputs == "cache":
         holds["cache build"] = _cache_build_hold(cfg, phase, _nbytes(frozen))
@@ -274,6 +290,9 @@ def _title(key: str, phase) -> str:
     if key == FUSION:
         return (f"fusion, LoRA rank {{r}} on all {len(phase.trunk_stacks)} stacks over a "
                 f"{phase.trunk_format} base")
+    if key == BLOCK:
+        return (f"block fusion, stack 0's turn: {len(phase.upper_stacks)} stacks above it "
+                f"frozen in {phase.trunk_format}")
     if not phase.trunk_stacks:
         return f"stage {phase.index}, no frozen trunk"
     return f"stage {phase.index}, frozen trunk resident in {key}"
@@ -314,8 +333,7 @@ def disk_plan(cfg, n_train_rows: int | None = None) -> dict:
         what = (ph.adapters, ph.n_local_stacks, tuple(sorted(ph.train_top)))
         if what in sizes:  # phases that train the same things checkpoint the same bytes
             continue
-        tx = (make_optimizer(t, max(t.fusion.steps, 1), t.fusion.learning_rate) if ph.adapters
-              else make_optimizer(t, config_lib.steps_in_stage(cfg)))
+        tx = step_lib.optimizer_for(cfg, ph)
         trainable = resident.abstract_trainable(cfg, ph)
         sizes[what] = _nbytes(trainable) + _nbytes(jax.eval_shape(
             lambda tr: init_state(tx, tr, t), trainable))
@@ -424,7 +442,8 @@ def _advice(cfg, row: dict, phase: str) -> list[str]:
     if d.seq_len > 1:
         temps.append(("data.seq_len", d.seq_len // 2, d.seq_len, "activations scale with it"))
     # Fusion backpropagates through every layer with its own remat setting.
-    remat_key, remat = ("training.fusion.remat", f.remat) if phase == FUSION else ("model.remat", m.remat)
+    fusing = phase in (FUSION, BLOCK)
+    remat_key, remat = ("training.fusion.remat", f.remat) if fusing else ("model.remat", m.remat)
     if remat != "full":
         temps.append((remat_key, "full", remat, "recompute each block in backward"))
     chunk = _chunk_for(d.seq_len)
@@ -437,7 +456,7 @@ def _advice(cfg, row: dict, phase: str) -> list[str]:
         temps.append(("training.progressive.new_stack_precision", "bf16", "fp32",
                       "compute in bf16; master weights stay fp32"))
     if row["frozen_params_bytes"] >= 0.05 * row["total_bytes"]:  # it matters
-        if phase == FUSION and f.base_precision != "nf4":
+        if fusing and f.base_precision != "nf4":
             frozen.append(("training.fusion.base_precision", "nf4", f.base_precision,
                            "4-bit frozen base"))
         if phase in config_lib.FROZEN_PRECISIONS and p.frozen_precision != "nf4":
@@ -530,7 +549,8 @@ def format_table(result: dict) -> str:
 
 
 def _grouped(rows: list[dict]) -> list[dict]:
-    """Phases shown for the time table; runs of consecutive stages collapsed into one line
+    """Phases shown for the time table; runs of consecutive stages (or block fusion turns)
+    collapsed into one line
     (first..last, range of FLOPs/token and hours per stage, and their sum)."""
     out, run = [], []
 
@@ -545,19 +565,25 @@ def _grouped(rows: list[dict]) -> list[dict]:
             f = [r["flops_per_token"] for r in run]
             h = [r["hours"] for r in run]
             span = lambda lo, hi: f"{lo:.3g}" if lo == hi else f"{lo:.3g} to {hi:.3g}"  # noqa: E731
-            out.append({"phase": f"{run[0]['phase']} to {run[-1]['phase'].split()[1]}",
+            last = run[-1]["phase"].split(" (")[0].split()[-1]  # "80/80"
+            out.append({"phase": f"{run[0]['phase'].split(' (')[0]} to {last}",
                         "flops": span(min(f), max(f)), "tokens": run[0]["tokens"],
                         "hours": f"{span(min(h), max(h))} each, {sum(h):.3g} in all"})
         run.clear()
 
+    def family(r):  # stages, or block fusion's turns
+        return r["phase"].split()[0]
+
     for r in rows:
-        if r["phase"].startswith("stage") and (not run or run[-1]["tokens"] == r["tokens"]):
+        groupable = r["phase"].startswith(("stage", "block fusion"))
+        if groupable and (not run or (run[-1]["tokens"] == r["tokens"]
+                                      and family(run[-1]) == family(r))):
             if len(run) == 1 and run[0]["phase"].startswith("stage 1/"):
                 flush()  # stage 1 (it trains the embedding too) stays on a line of its own
             run.append(r)
         else:
             flush()
-            if r["phase"].startswith("stage"):
+            if groupable:
                 run.append(r)
             else:
                 out.append({"phase": r["phase"], "flops": f"{r['flops_per_token']:.3g}",

@@ -60,9 +60,9 @@ class Template:
 
     def rack(self, trainable: dict, frozen: dict) -> Rack:
         """A Rack of these parameters; groups given in neither stay abstract (never run).
-        Adapters and the trunk are not part of the Rack (see step.make_loss_fn)."""
+        Adapters and the frozen stacks are not part of the Rack (see step.make_loss_sum)."""
         params = {k: v for k, v in {**frozen, **trainable}.items()
-                  if k not in ("trunk", "adapters")}
+                  if k not in ("trunk", "upper", "adapters")}
         state = nnx.State(jax.tree.map(lambda x: x, self.abstract_state))
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
@@ -154,13 +154,18 @@ def trainable_at_start(cfg, run_dir: str, phase: Phase, trunk=None) -> dict:
             top = init_top(cfg) if top is None else top
             out[g] = top[g]
     stacks = {}
+    copy = cfg.training.progressive.new_stack_init == "copy"
     for i, k in enumerate(phase.trained_stacks):
         group = store.stack_group(k)
-        # Stored by an earlier phase (a growing trunk's older stacks, an import), else born.
+        # Stored by an earlier phase (a growing trunk's older stacks, block fusion, an
+        # import), else born: from its own key, or as a copy of the stack below it.
         if group_available(run_dir, group, phase.index):
             stacks[i] = load_group(run_dir, group, phase.index)
-        elif phase.kind == "stage" and k < phase.index:
+        elif phase.kind != "stage" or k < phase.index:
             store.require(run_dir, group, phase.index, phase.name)  # raises, naming the stack
+        elif copy and k > 0:
+            stacks[i] = load_group(run_dir, store.stack_group(k - 1), phase.index,
+                                   why=f"{phase.name} (new_stack_init='copy')")
         else:
             stacks[i] = init_stack(cfg, k)
         memory.sample()
@@ -234,11 +239,13 @@ def assemble_trunk(cfg, run_dir: str, stacks, fmt: str, max_version: int, why: s
 
 
 def frozen_state(cfg, run_dir: str, phase: Phase) -> dict:
-    """Everything frozen the phase holds: top groups and, when it has one, the trunk."""
+    """Everything frozen the phase holds: top groups and the frozen stacks below (trunk)
+    and above (upper) the trained ones, where it has them."""
     out = frozen_top(cfg, run_dir, phase)
-    if phase.trunk_stacks:
-        out["trunk"] = assemble_trunk(cfg, run_dir, phase.trunk_stacks, phase.trunk_format,
-                                      phase.index, phase.name)
+    for name, stacks in (("trunk", phase.trunk_stacks), ("upper", phase.upper_stacks)):
+        if stacks:
+            out[name] = assemble_trunk(cfg, run_dir, stacks, phase.trunk_format, phase.index,
+                                       phase.name)
     return out
 
 
@@ -278,8 +285,9 @@ def abstract_frozen(cfg, phase: Phase) -> dict:
     top = abstract_top(cfg)
     out = {g: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), top[g])
            for g in sorted(phase.frozen_top) if g != "embed" or phase.needs_embedding}
-    if phase.trunk_stacks:
-        out["trunk"] = abstract_trunk(cfg, len(phase.trunk_stacks), phase.trunk_format)
+    for name, stacks in (("trunk", phase.trunk_stacks), ("upper", phase.upper_stacks)):
+        if stacks:
+            out[name] = abstract_trunk(cfg, len(stacks), phase.trunk_format)
     return out
 
 

@@ -4,7 +4,8 @@ The loss is one function for every phase (phases.Phase says which parts exist):
 
     tokens -> embedding ─┐
     cache rows ──────────┴> frozen trunk (one scan; LoRA adapters in fusion)
-      -> stop_gradient (when nothing below trains) -> trained stacks -> final norm, head
+      -> stop_gradient (when nothing below trains) -> trained stacks
+      -> frozen upper stacks (block fusion) -> final norm, head
 
 The step prepares the whole batch (masks for every sequence at once), splits it into
 `training.grad_accum_steps` micro-batches whose gradients are summed in float32 (a scan:
@@ -19,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from stackwise_jax import loss_scale, objective, optim
+from stackwise_jax import config as config_lib, loss_scale, objective, optim
 from stackwise_jax.phases import Phase
 from stackwise_jax.resident import Template, cast_floats, compute_dtype
 
@@ -54,9 +55,25 @@ def make_loss_sum(cfg, phase: Phase, template: Template):
         if phase.stop_gradient:
             x_BxLxD = jax.lax.stop_gradient(x_BxLxD)
         x_BxLxD = rack.run_stacks(x_BxLxD, 0, phase.n_local_stacks, mode)
+        if "upper" in frozen:  # block fusion: frozen stacks above, gradients cross them
+            x_BxLxD = rack.run_trunk(frozen["upper"], x_BxLxD, mode, remat=phase.remat)
         return objective.loss_numerator(x_BxLxD, rack.logits, batch, weighting, chunk)
 
     return loss_sum
+
+
+def optimizer_for(cfg, phase: Phase):
+    """The optimizer of `phase`: a warmup + cosine schedule over its steps. Fusion's phases
+    run at training.fusion.learning_rate; block fusion's turns share one schedule over all
+    of fusion's steps, each turn starting fresh Adam moments where the last one stopped."""
+    t = cfg.training
+    if phase.kind == "stage":
+        return optim.make_optimizer(t, max(phase.n_steps, 1))
+    if phase.kind == "fusion":
+        return optim.make_optimizer(t, max(phase.n_steps, 1), t.fusion.learning_rate)
+    turn = phase.index - config_lib.n_stages(cfg)
+    return optim.make_optimizer(t, t.fusion.steps, t.fusion.learning_rate,
+                                offset=turn * phase.n_steps)
 
 
 def make_prepare(phase: Phase, mask_id: int):

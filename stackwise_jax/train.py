@@ -83,9 +83,7 @@ class Trainer:
         self.rebuild_cache = rebuild_cache
         self.mask_id = prepared.tokenizer.mask_id
         t = cfg.training
-        self.txs = {"stage": optim.make_optimizer(t, config_lib.steps_in_stage(cfg)),
-                    "fusion": optim.make_optimizer(t, max(t.fusion.steps, 1),
-                                                   t.fusion.learning_rate)}
+        self.txs: dict = {}  # by _schedule_key: one optimizer per schedule
         self.steps: dict = {}  # phases of one shape share one compiled step
         self.compilations: dict = {}  # programs each released step had compiled
         self.rows_per_step = cfg.data.batch_size * t.grad_accum_steps
@@ -97,7 +95,10 @@ class Trainer:
         self.heldout = heldout
 
     def tx(self, phase: Phase):
-        return self.txs[phase.kind]
+        key = _schedule_key(phase)
+        if key not in self.txs:
+            self.txs[key] = step_lib.optimizer_for(self.cfg, phase)
+        return self.txs[key]
 
     def step_for(self, phase: Phase):
         key = step_signature(phase)
@@ -160,12 +161,13 @@ class Trainer:
         record = {"trainable_params": _count(run.trainable)}
         resident.write_stores(cfg, self.workdir, phase, run.trainable, run.frozen)
         run.trainable = run.frozen = run.opt_state = None  # nothing of the phase stays live
-        if cfg.training.objective == "masked_diffusion" or phase.adapters:
+        fusing = phase.kind != "stage"
+        if cfg.training.objective == "masked_diffusion" or fusing:
             losses = self.evaluator.losses(phase.n_stacks_run, version, ratios=(0.5,),
-                                           causal=phase.adapters)
+                                           causal=fusing)
             record["heldout_loss_t0.5"] = losses["0.5"]
-            if phase.adapters:
-                record["phase"] = "fusion"
+            if fusing:
+                record["phase"] = phase.kind
                 record["heldout_causal_loss"] = losses["causal"]
         if run.cache_s:
             record["cache_s"] = round(run.cache_s, 2)
@@ -175,17 +177,26 @@ class Trainer:
 
 def _same_shapes(a: Phase, b: Phase) -> bool:
     return (step_signature(a) == step_signature(b)
-            and len(a.trunk_stacks) == len(b.trunk_stacks))
+            and len(a.trunk_stacks) == len(b.trunk_stacks)
+            and len(a.upper_stacks) == len(b.upper_stacks))
+
+
+def _schedule_key(phase: Phase) -> tuple:
+    """What a phase's learning-rate schedule depends on (step_lib.optimizer_for)."""
+    return (phase.kind, phase.n_steps, phase.index if phase.kind == "block" else 0)
 
 
 def step_signature(phase: Phase) -> tuple:
-    """What a phase's compiled step depends on (shapes aside): phases that agree share it."""
+    """What a phase's compiled step depends on (shapes aside, which jit tells apart
+    itself): phases that agree share it. The optimizer, schedule included, is part of it."""
     fields = dataclasses.asdict(phase)
-    for name in ("index", "name", "n_steps", "stores", "trained_stacks", "trunk_stacks"):
+    for name in ("index", "name", "n_steps", "stores", "trained_stacks", "trunk_stacks",
+                 "upper_stacks", "kind"):
         fields.pop(name)
     if phase.inputs == "cache":
         fields.pop("mask_range")  # masks come from the cache
-    return (phase.n_local_stacks, len(phase.trunk_stacks) > 0) + tuple(
+    return (phase.n_local_stacks, len(phase.trunk_stacks) > 0, len(phase.upper_stacks) > 0,
+            _schedule_key(phase)) + tuple(
         (k, tuple(sorted(v)) if isinstance(v, frozenset) else v) for k, v in sorted(fields.items()))
 
 
@@ -416,7 +427,9 @@ def _summarize(cfg, meta, trainer: Trainer, prepared) -> dict:
         "eval_format": phases.eval_format(cfg),
         "unigram_loss": evaluate.unigram_loss(prepared.train_rows, trainer.heldout,
                                               cfg.model.vocab_size),
-        "heldout_tokens": int(sum(np.asarray(b).size for b in trainer.heldout)),
+        # Scored: the eval.batches batches spread over the split; total: its whole rows.
+        "heldout_tokens_scored": int(sum(np.asarray(b).size for b in trainer.heldout)),
+        "heldout_tokens_total": int(np.prod(prepared.heldout_rows.shape)),
         "tokens_seen": int(sum(s["tokens"] for s in meta["stages"])),
         "wall_s": round(sum(s["wall_s"] for s in meta["stages"]), 2),
         "stages": meta["stages"],
@@ -450,10 +463,12 @@ _OVERRIDES: dict[str, str] = {}
 
 def dry_run(cfg) -> None:
     counts = param_counts(cfg.model)
-    print(f"mode: {config_lib.mode_name(cfg)}, {config_lib.n_stages(cfg)} stage(s) of "
-          f"{config_lib.steps_in_stage(cfg)} steps, "
+    all_phases = phases.all_phases(cfg)
+    print(f"mode: {config_lib.mode_name(cfg)}, {len(all_phases)} phase(s), "
           f"{cfg.data.batch_size * cfg.training.grad_accum_steps * cfg.data.seq_len} "
           "tokens per step")
+    for ph in all_phases:
+        print(f"  {ph.describe()}; {ph.n_steps} steps")
     width = max(len(k) for k in counts)
     for name, n in counts.items():
         print(f"  {name:<{width}}  {n:>16,d}  ({n / 1e9:.3f}B)")

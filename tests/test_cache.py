@@ -88,6 +88,9 @@ def test_cached_run_compiles_the_step_once_and_keeps_one_cache(corpus_dir, tmp_p
     assert summary["cached_step_compilations"] == 1  # stages 1, 2 and 3 share one program
     assert all("cache_s" in s for s in summary["stages"][1:])
     assert sorted(os.listdir(os.path.join(wd, "cache"))) == ["stage_3"]  # older ones deleted
+    # The last stage's evaluation runs all four stacks, as the final summary's does (same
+    # stores, masks and program), not only the stack it trained on cached inputs.
+    assert summary["stages"][-1]["heldout_loss_t0.5"] == summary["heldout_loss"]["0.5"]
 
 
 def test_schedule_mode_rebuilds_through_the_trunk(corpus_dir, tmp_path, capsys):
