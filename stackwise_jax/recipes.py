@@ -73,6 +73,8 @@ RECIPES = {
     "embed_every_stage": lambda cfg: {**_progressive(), "training.train_embedding": "every_stage"},
     "lr_x3": lambda cfg: {**_progressive(),
                           "training.learning_rate": repr(3 * cfg.training.learning_rate)},
+    "lr_div3": lambda cfg: {**_progressive(),
+                            "training.learning_rate": repr(cfg.training.learning_rate / 3)},
 }
 
 
