@@ -22,4 +22,8 @@ def get_config():
     c.training.warmup_steps = 40
     c.checkpoint.every_steps = 100
     c.eval.batches = 16
+    # The best stack-wise recipe measured on this config (docs/results.md): each new stack
+    # starts as a copy of the one below, 0.06 nats better than random at t = 0.15 on each
+    # of 3 seeds. The plain recipe: --config.training.progressive.new_stack_init=random
+    c.training.progressive.new_stack_init = "copy"
     return c

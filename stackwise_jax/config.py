@@ -99,11 +99,11 @@ def defaults() -> ml_collections.ConfigDict:
     # Finished stacks are stored once, in this dtype (bf16 halves a run's disk; needs a
     # frozen trunk, since the stored copy is what every later phase reads).
     c.training.progressive.stack_storage_dtype = "fp32"
-    # How stack k >= 1 starts: 'random' (from its own (seed, k) key) or 'copy' (the
-    # weights stack k - 1 ended its stage with).
+    # How stack k >= 1 starts in a progressive run: 'random' (from its own (seed, k) key)
+    # or 'copy' (the weights stack k - 1 ended its stage with). End-to-end: always random.
     c.training.progressive.new_stack_init = "random"
-    # How the stages share the budget of steps_per_stage * n_stacks steps: 'equal', or
-    # linearly 'increasing' / 'decreasing' with depth (stage k gets a share k + 1 or n - k).
+    # How a progressive run's stages share the budget of steps_per_stage * n_stacks steps:
+    # 'equal', or linearly 'increasing' / 'decreasing' with depth (shares k + 1 or n - k).
     c.training.progressive.step_split = "equal"
 
     # Fusion: a joint phase after all stages (stackwise_jax/fusion.py). mode 'lora': QLoRA
@@ -335,10 +335,6 @@ def validate(cfg) -> None:
         _validate_cache(cfg)
     _enum(p.new_stack_init, "training.progressive.new_stack_init", NEW_STACK_INITS)
     _enum(p.step_split, "training.progressive.step_split", STEP_SPLITS)
-    if not p.enabled and (p.new_stack_init != "random" or p.step_split != "equal"):
-        raise UserError("training.progressive.new_stack_init and step_split shape a "
-                        "progressive run; an end-to-end run (training.progressive.enabled="
-                        "False) takes 'random' and 'equal'")
     _positive_int(t.steps_per_stage, "training.steps_per_stage")
     _positive_int(t.log_every, "training.log_every")
     _positive_int(t.grad_accum_steps, "training.grad_accum_steps")

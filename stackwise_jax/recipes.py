@@ -33,8 +33,19 @@ def _with_block_fusion(cfg, fusion_share: float, cycles: int) -> dict[str, str]:
 
 
 def _progressive() -> dict[str, str]:
+    """Plain progressive: frozen trunk, new stacks from their own keys, equal stages."""
     return {"training.progressive.enabled": "True",
-            "training.progressive.trunk_strategy": "frozen", "training.fusion.steps": "0"}
+            "training.progressive.trunk_strategy": "frozen", "training.fusion.steps": "0",
+            "training.progressive.new_stack_init": "random",
+            "training.progressive.step_split": "equal"}
+
+
+def _end_to_end() -> dict[str, str]:
+    """The progressive-only keys at their defaults, so a config that sets them (tiny's
+    new_stack_init='copy') gives the same end-to-end run as one that does not."""
+    return {"training.progressive.enabled": "False", "training.fusion.steps": "0",
+            "training.progressive.new_stack_init": "random",
+            "training.progressive.step_split": "equal"}
 
 
 def _with_lora_fusion(cfg, fusion_share: float) -> dict[str, str]:
@@ -49,11 +60,10 @@ def _with_lora_fusion(cfg, fusion_share: float) -> dict[str, str]:
 
 RECIPES = {
     # Baselines, end to end, at the whole budget.
-    "e2e": lambda cfg: {"training.progressive.enabled": "False"},  # masked diffusion
-    "bert": lambda cfg: {"training.progressive.enabled": "False",  # fixed 15% masking
-                         "training.min_mask_fraction": "0.15",
-                         "training.max_mask_fraction": "0.15"},
-    "gpt": lambda cfg: {"training.progressive.enabled": "False", "training.objective": "causal"},
+    "e2e": lambda cfg: _end_to_end(),  # masked diffusion
+    "bert": lambda cfg: {**_end_to_end(), "training.min_mask_fraction": "0.15",
+                         "training.max_mask_fraction": "0.15"},  # fixed 15% masking
+    "gpt": lambda cfg: {**_end_to_end(), "training.objective": "causal"},
     # Stack-wise.
     "progressive": lambda cfg: _progressive(),
     "growing": lambda cfg: {"training.progressive.enabled": "True",

@@ -83,8 +83,7 @@ def test_step_split_keeps_the_total(corpus_dir, split, steps):
     ({**BLOCK, "training.fusion.steps": 5}, "training.fusion.steps"),
     ({**BLOCK, "training.progressive.stack_storage_dtype": "bf16"}, "stack_storage_dtype"),
     ({"training.fusion.mode": "blocks"}, "training.fusion.mode"),
-    ({"training.progressive.enabled": False, "training.progressive.new_stack_init": "copy"},
-     "new_stack_init"),
+    ({"training.progressive.step_split": "even"}, "training.progressive.step_split"),
 ])
 def test_bad_lever_settings_are_named(corpus_dir, overrides, named):
     with pytest.raises(UserError, match=named):
