@@ -39,7 +39,7 @@ import statistics
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from stackwise_jax import checkpoint, data, recipes, report, train
 from stackwise_jax import config as config_lib
@@ -422,15 +422,7 @@ def _main(argv):
 
 
 def main():
-    from stackwise_jax import plan as plan_lib
-    plan_lib.use_whole_accelerator()  # before JAX starts a backend
-    try:
-        rest, overrides = config_lib.split_overrides(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    _OVERRIDES.update(overrides)
-    app.run(_main, argv=[sys.argv[0]] + rest)
+    train.launch(_main, _OVERRIDES)
 
 
 if __name__ == "__main__":

@@ -499,15 +499,21 @@ def _main(argv):
         sys.exit(130)
 
 
-def main():
+def launch(main_fn, overrides: dict) -> None:
+    """Runs an absl main whose command line may hold `--config.KEY=VALUE` flags: those go
+    into `overrides` (absl would reject them), the rest to absl."""
     plan_lib.use_whole_accelerator()  # before JAX starts a backend
     try:
-        rest, overrides = config_lib.split_overrides(sys.argv[1:])
+        rest, found = config_lib.split_overrides(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    _OVERRIDES.update(overrides)
-    app.run(_main, argv=[sys.argv[0]] + rest)
+    overrides.update(found)
+    app.run(main_fn, argv=[sys.argv[0]] + rest)
+
+
+def main():
+    launch(_main, _OVERRIDES)
 
 
 if __name__ == "__main__":
