@@ -36,6 +36,7 @@ def atomic_write_text(path: str, text: str) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.fchmod(fd, _new_file_mode())  # mkstemp's 0600 would hide the file from the group
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -45,6 +46,13 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def fsync_dir(path: str) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +44,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from stackwise_jax import checkpoint, evaluate, resident, store
+from stackwise_jax import checkpoint, cli, evaluate, resident, store
 from stackwise_jax.errors import UserError
 from stackwise_jax.resident import Template
 
@@ -374,7 +373,7 @@ def format_report(report: dict) -> str:
 
 
 def main():
-    from absl import app, flags, logging
+    from absl import flags
 
     flags.DEFINE_string("workdir", None, "run directory (its latest stored phase is used)")
     flags.DEFINE_string("train", None, 'JSONL of {"text": ..., "label": ...}: training examples')
@@ -385,25 +384,14 @@ def main():
                        f"the fine-tune (the new head: {HEAD_LR_SCALE:g}x)")
     flags.DEFINE_integer("seed", 0, "seed of the probe's cross-validation folds and the "
                          "fine-tune's batch order")
-    FLAGS = flags.FLAGS
 
-    def _main(argv):
-        logging.set_verbosity(logging.WARNING)  # Orbax logs at INFO
-        try:
-            if len(argv) > 1:
-                raise UserError(f"unexpected arguments {argv[1:]}; flags are --name=value")
-            for name in ("workdir", "train", "test"):
-                if not getattr(FLAGS, name):
-                    raise UserError(f"--{name} is required")
-            report = classify_run(FLAGS.workdir, FLAGS.train, FLAGS.test, FLAGS.finetune_steps,
-                                  FLAGS.seed, FLAGS.finetune_lr)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+    def body(FLAGS):
+        report = classify_run(FLAGS.workdir, FLAGS.train, FLAGS.test, FLAGS.finetune_steps,
+                              FLAGS.seed, FLAGS.finetune_lr)
         print(format_report(report))
         print(f"\nwrote {os.path.join(FLAGS.workdir, 'classify.json')}")
 
-    app.run(_main)
+    cli.run(body, required=("workdir", "train", "test"))
 
 
 if __name__ == "__main__":

@@ -357,7 +357,7 @@ def validate(cfg) -> None:
                             f"training.fusion.block_cycles x model.architecture.n_stacks = "
                             f"{turns}: block fusion gives every turn the same steps")
         if p.stack_storage_dtype != "fp32":
-            raise UserError(f"training.fusion.mode='block' trains stored stacks again, so it "
+            raise UserError("training.fusion.mode='block' trains stored stacks again, so it "
                             "needs training.progressive.stack_storage_dtype='fp32' (their "
                             "float32 master weights)")
     _enum(f.base_precision, "training.fusion.base_precision", FROZEN_PRECISIONS)

@@ -21,20 +21,27 @@ import dataclasses
 import glob
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from stackwise_jax import checkpoint, memory, objective, phases, resident, store
+from stackwise_jax import checkpoint, cli, memory, objective, phases, resident, store
 from stackwise_jax.errors import UserError
 from stackwise_jax.resident import Template, compute_dtype
 
 EVAL_SEED = 1234
 BOUND_POINTS = 8  # Gauss-Legendre nodes: exact for a c(t) polynomial of degree <= 15
 CLI_HIDDEN_BYTES = 1 << 30  # the CLI's streams take several passes over the stacks above this
+# eval.batches=0 scores every held-out row: the trainer's evaluation then takes them this
+# many batches at a time (one pass over the stacks each), so what it holds stays bounded.
+EVAL_GROUP_BATCHES = 16
+
+
+def batches_held(cfg) -> int:
+    """Held-out batches whose hidden states the trainer's evaluation holds at once."""
+    return cfg.eval.batches or EVAL_GROUP_BATCHES
 
 
 class Evaluator:
@@ -77,14 +84,14 @@ class Evaluator:
                 for g in groups}
 
     def sums(self, n_stacks: int, max_version: int, streams, hidden_bytes: int | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, group_batches: int | None = None) -> dict:
         """{name: {"ce", "tokens", "inv_t", "seqs"}} summed over the batches, through stacks
         0..n_stacks-1 as stored at versions <= max_version. streams: (name, ratio) pairs,
         ratio None for causal next-token loss. hidden_bytes: the batches are taken in
-        groups whose hidden states fit it, one pass over the stacks per group (None: one
-        pass, everything at once)."""
+        groups whose hidden states fit it, one pass over the stacks per group; or
+        group_batches: groups of that many batches (neither: one pass, all at once)."""
         top = self._top(max_version)
-        groups = self._groups(len(streams), hidden_bytes)
+        groups = self._groups(len(streams), hidden_bytes, group_batches)
         fmt = phases.eval_format(self.cfg)
         totals = {name: {"ce": 0.0, "tokens": 0.0, "inv_t": 0.0, "seqs": 0.0}
                   for name, _ in streams}
@@ -119,20 +126,24 @@ class Evaluator:
         bar.close()
         return totals
 
-    def _groups(self, n_streams: int, hidden_bytes: int | None) -> list[range]:
+    def _groups(self, n_streams: int, hidden_bytes: int | None,
+                group_batches: int | None) -> list[range]:
         n = len(self.batches)
-        if hidden_bytes is None or n == 0:
-            return [range(n)]
-        B, L = self.batches[0].shape
-        per_batch = n_streams * B * L * self.cfg.model.d_model * jnp.dtype(self.dtype).itemsize
-        size = max(1, hidden_bytes // per_batch)
+        if n == 0:
+            return [range(0)]
+        if hidden_bytes is not None:
+            B, L = self.batches[0].shape
+            per_batch = n_streams * B * L * self.cfg.model.d_model * jnp.dtype(self.dtype).itemsize
+            size = max(1, hidden_bytes // per_batch)
+        else:
+            size = group_batches or n
         return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
     def losses(self, n_stacks: int, max_version: int, ratios=(), causal: bool = False) -> dict:
         """Mean held-out loss over masked tokens at each ratio in `ratios` (keys: the ratio
         as a string) and, with causal=True, next-token loss (key 'causal')."""
         streams = [(str(r), float(r)) for r in ratios] + ([("causal", None)] if causal else [])
-        totals = self.sums(n_stacks, max_version, streams)
+        totals = self.sums(n_stacks, max_version, streams, group_batches=batches_held(self.cfg))
         return {name: s["ce"] / max(s["tokens"], 1.0) for name, s in totals.items()}
 
 
@@ -370,7 +381,7 @@ def format_report(report: dict) -> str:
 
 def main():
     # Flags are defined here, not at import: train.py (which imports this module) has its own.
-    from absl import app, flags, logging
+    from absl import flags
 
     flags.DEFINE_string("workdir", None, "run directory to evaluate (finished or not: its "
                         "latest stored phase is scored)")
@@ -381,23 +392,13 @@ def main():
                          "held-out split, every row for --files)")
     flags.DEFINE_integer("bound_points", BOUND_POINTS, "Gauss-Legendre points of the NLL "
                          "bound's quadrature over t in (0, 1]")
-    FLAGS = flags.FLAGS
 
-    def _main(argv):
-        logging.set_verbosity(logging.WARNING)  # Orbax logs at INFO
-        try:
-            if len(argv) > 1:
-                raise UserError(f"unexpected arguments {argv[1:]}; flags are --name=value")
-            if not FLAGS.workdir:
-                raise UserError("--workdir is required, e.g. --workdir=runs/tiny")
-            report = evaluate_run(FLAGS.workdir, FLAGS.files, FLAGS.batches, FLAGS.bound_points)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+    def body(FLAGS):
+        report = evaluate_run(FLAGS.workdir, FLAGS.files, FLAGS.batches, FLAGS.bound_points)
         print(format_report(report))
         print(f"\nwrote {os.path.join(FLAGS.workdir, 'eval.json')}")
 
-    app.run(_main)
+    cli.run(body, required=("workdir",))
 
 
 if __name__ == "__main__":

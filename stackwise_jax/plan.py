@@ -42,7 +42,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from stackwise_jax import cache, phases as phases_lib, resident, step as step_lib
+from stackwise_jax import cache, evaluate, phases as phases_lib, resident, step as step_lib
 from stackwise_jax import config as config_lib
 from stackwise_jax.checkpoint import disk_usage
 from stackwise_jax.errors import UserError
@@ -227,7 +227,7 @@ def _eval_hold(cfg, phase) -> int:
     one_stack = _nbytes(resident.abstract_trunk(cfg, 1, phases_lib.eval_format(cfg)))
     B, L, D = cfg.data.batch_size, cfg.data.seq_len, cfg.model.d_model
     per_stream = B * L * D * dtype.itemsize + B * L * (4 + 4 + 1) + B * 4
-    streams = cfg.eval.batches * (1 + (1 if phase.adapters else 0))
+    streams = evaluate.batches_held(cfg) * (1 + (1 if phase.adapters else 0))
     return top + one_stack + streams * per_stream
 
 

@@ -96,6 +96,34 @@ def test_eval_batches_zero_means_every_row_and_negative_is_refused(corpus_dir):
         small_config(corpus_dir, **{"eval.batches": -1})
 
 
+def test_every_row_is_scored_in_bounded_groups_that_the_planner_counts(
+        corpus_dir, run_dir, monkeypatch):
+    """eval.batches=0 scores every held-out row, a few batches per pass over the stacks:
+    the same numbers as holding them all, and the planner counts one group, not none."""
+    from stackwise_jax import phases, plan
+
+    cfg = small_config(corpus_dir, **{"eval.batches": 0})
+    prepared = data.prepare(cfg, run_dir)
+    batches = data.heldout_batches(prepared.heldout_rows, cfg.data.batch_size, 0)
+    assert len(batches) > 2
+    run = evaluate.stored_run(run_dir)
+    ev = evaluate.Evaluator(cfg, run_dir, batches, prepared.tokenizer.mask_id)
+    streams = [("0.5", 0.5), ("causal", None)]
+    at_once = ev.sums(run.n_stacks, run.version, streams)
+    monkeypatch.setattr(evaluate, "EVAL_GROUP_BATCHES", 2)
+    assert ev._groups(len(streams), None, evaluate.batches_held(cfg)) == [
+        range(i, min(i + 2, len(batches))) for i in range(0, len(batches), 2)]
+    grouped = ev.sums(run.n_stacks, run.version, streams,
+                      group_batches=evaluate.batches_held(cfg))
+    assert grouped == at_once  # per-batch sums, added in the same order
+    monkeypatch.undo()
+    phase = phases.stage(cfg, 0)
+    groups_of = small_config(corpus_dir, **{"eval.batches": evaluate.EVAL_GROUP_BATCHES})
+    assert plan._eval_hold(cfg, phase) == plan._eval_hold(groups_of, phase)
+    assert plan._eval_hold(cfg, phase) > plan._eval_hold(
+        small_config(corpus_dir, **{"eval.batches": 1}), phase)
+
+
 def test_summary_records_scored_and_total_heldout_tokens(corpus_dir, run_dir):
     summary = summary_of(run_dir)
     cfg = small_config(corpus_dir)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import small_config
-from stackwise_jax import config, phases, plan, resident, store, train
+from stackwise_jax import phases, plan, resident, store, train
 from stackwise_jax.errors import UserError
 
 BLOCK = {"training.fusion.mode": "block", "training.fusion.steps": 4,

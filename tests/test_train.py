@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import small_config
-from stackwise_jax import config, objective, phases, resident, step, store, train
+from stackwise_jax import checkpoint, config, objective, phases, resident, step, store, train
 from stackwise_jax.run import load_run
 from flax import nnx
 
@@ -260,3 +260,13 @@ def test_ctrl_c_saves_a_checkpoint_after_the_current_step(corpus_dir, tmp_path):
     latest = max(int(p) for p in os.listdir(wd / "checkpoints") if p.isdigit())
     assert latest == steps[-1] >= 3  # saved at the step it stopped after, nothing lost
     assert not [p for p in os.listdir(wd / "checkpoints") if "tmp" in p]
+
+
+def test_atomic_writes_give_files_the_mode_open_would(tmp_path):
+    """mkstemp creates files 0600; a run's json files are as readable as any new file."""
+    old = os.umask(0o022)
+    try:
+        checkpoint.atomic_write_text(str(tmp_path / "a.json"), "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
