@@ -95,6 +95,11 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
     return cfg
 
 
+# Files that do not make a directory a run: the run lock (workdir_lock.LOCK_NAME), which a
+# killed start may leave behind.
+_NOT_A_RUN = (".lock",)
+
+
 def check_workdir(workdir: str, cfg) -> bool:
     """True when `workdir` holds a run of this exact config, False when it is new or empty.
 
@@ -112,7 +117,7 @@ def check_workdir(workdir: str, cfg) -> bool:
                             f"{len(changed)} keys differ ({', '.join(changed)}); {details}. "
                             "Use a new --workdir, or rerun with the config the run started with.")
         return True
-    if os.path.isdir(workdir) and os.listdir(workdir):
+    if os.path.isdir(workdir) and [n for n in os.listdir(workdir) if n not in _NOT_A_RUN]:
         raise UserError(f"--workdir={workdir} exists, is not empty and holds no StackWise run "
                         "(no config.json); choose an empty or new directory")
     return False

@@ -11,6 +11,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
 import os
 
 import ml_collections
@@ -32,6 +33,7 @@ STACK_STORAGE_DTYPES = ("fp32", "bf16")  # finished stacks on disk (store.py)
 NEW_STACK_INITS = ("random", "copy")
 STEP_SPLITS = ("equal", "increasing", "decreasing")
 FUSION_MODES = ("lora", "block")
+DECODE_ERRORS = ("strict", "replace")
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -63,6 +65,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.seq_len = 128
     c.data.batch_size = 16
     c.data.seed = 0
+    c.data.decode_errors = "strict"  # bad UTF-8 in a corpus file: 'strict' stops; 'replace': U+FFFD
 
     c.training = ml_collections.ConfigDict()
     c.training.objective = "masked_diffusion"
@@ -153,7 +156,11 @@ def load(path: str, overrides: dict[str, str] | None = None) -> ml_collections.C
         raise UserError(f"--config: could not load '{path}': {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise UserError(f"--config: '{path}' defines no get_config()")
-    cfg = module.get_config()
+    try:
+        cfg = module.get_config()
+    except Exception as e:  # e.g. ConfigDict's TypeError for a value of the wrong type
+        raise UserError(f"--config: get_config() in '{path}' failed: "
+                        f"{type(e).__name__}: {e}") from e
     check_keys(cfg)
     for key, raw in (overrides or {}).items():
         set_override(cfg, key, raw)
@@ -258,8 +265,48 @@ def _positive_int(value, key):
         raise UserError(f"{key}={value!r} must be a positive integer")
 
 
+SEED_LIMIT = 2**31  # grain takes seeds in [0, 2**32); data.seed + phase index stays below
+
+
+def _number_ok(value, like) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) if isinstance(like, int) else math.isfinite(value)
+
+
+def check_types(cfg) -> None:
+    """Every key holds a value of its default's kind: a bool, an integer >= 0, a finite
+    number, a string, or a tuple of those; seeds fit the generators. The per-key rules in
+    validate() then check ranges; this pass means none of them meets a value it cannot
+    compare, and no NaN, infinity or negative count reaches JAX."""
+    given = _flat(cfg)
+    for key, like in _flat(defaults()).items():
+        value = given[key]
+        if isinstance(like, bool):
+            if not isinstance(value, bool):
+                raise UserError(f"{key}={value!r} must be True or False")
+        elif isinstance(like, (int, float)):
+            kind = "an integer" if isinstance(like, int) else "a finite number"
+            if not _number_ok(value, like):
+                raise UserError(f"{key}={value!r} must be {kind}")
+            if isinstance(like, int) and value < 0:
+                raise UserError(f"{key}={value!r} must be an integer >= 0")
+            if key.endswith(".seed") and value >= SEED_LIMIT:
+                raise UserError(f"{key}={value!r} must be below 2**31")
+        elif isinstance(like, str):
+            if not isinstance(value, str):
+                raise UserError(f"{key}={value!r} must be a string")
+        elif isinstance(like, tuple):
+            if not isinstance(value, (tuple, list)) or not all(
+                    isinstance(v, str) if isinstance(like[0], str) else _number_ok(v, like[0])
+                    for v in value):
+                kind = "strings" if isinstance(like[0], str) else "finite numbers"
+                raise UserError(f"{key}={value!r} must be a tuple of {kind}")
+
+
 def validate(cfg) -> None:
     check_keys(cfg)
+    check_types(cfg)
     m, a, d, t = cfg.model, cfg.model.architecture, cfg.data, cfg.training
     for key in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "d_ff"):
         _positive_int(m[key], f"model.{key}")
@@ -289,6 +336,7 @@ def validate(cfg) -> None:
         raise UserError(f"data.tokenizer='llama3' has 128256 ids; model.vocab_size="
                         f"{m.vocab_size} must be at least that")
     _positive_int(d.bpe_sample_bytes, "data.bpe_sample_bytes")
+    _enum(d.decode_errors, "data.decode_errors", DECODE_ERRORS)
 
     _enum(m.remat, "model.remat", REMAT_POLICIES)
     c = m.attention_chunk_size
@@ -341,9 +389,10 @@ def validate(cfg) -> None:
     _positive_int(t.max_nonfinite_steps, "training.max_nonfinite_steps")
     if not t.learning_rate > 0:
         raise UserError(f"training.learning_rate={t.learning_rate} must be > 0")
-    if t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip_norm < 0:
-        raise UserError("training.warmup_steps, weight_decay and grad_clip_norm must be >= 0 "
-                        "(grad_clip_norm=0 turns clipping off)")
+    for key in ("weight_decay", "grad_clip_norm"):  # warmup_steps: check_types' >= 0
+        if t[key] < 0:
+            raise UserError(f"training.{key}={t[key]} must be >= 0"
+                            + (" (0 turns clipping off)" if key == "grad_clip_norm" else ""))
     f = t.fusion
     if not isinstance(f.steps, int) or isinstance(f.steps, bool) or f.steps < 0:
         raise UserError(f"training.fusion.steps={f.steps!r} must be an integer >= 0 (0: no fusion)")
@@ -363,8 +412,9 @@ def validate(cfg) -> None:
     _enum(f.base_precision, "training.fusion.base_precision", FROZEN_PRECISIONS)
     _enum(f.remat, "training.fusion.remat", REMAT_POLICIES)
     _positive_int(f.lora_rank, "training.fusion.lora_rank")
-    if not f.learning_rate > 0 or not f.lora_alpha > 0:
-        raise UserError("training.fusion.learning_rate and training.fusion.lora_alpha must be > 0")
+    for key in ("learning_rate", "lora_alpha"):
+        if not f[key] > 0:
+            raise UserError(f"training.fusion.{key}={f[key]} must be > 0")
     from stackwise_jax.lora import PROJECTIONS
     bad = [x for x in f.lora_targets if x not in PROJECTIONS]
     if not f.lora_targets or bad:

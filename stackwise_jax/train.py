@@ -25,7 +25,7 @@ from tqdm import tqdm
 from stackwise_jax import cache, checkpoint, data, evaluate, memory, optim, phases
 from stackwise_jax import config as config_lib
 from stackwise_jax import plan as plan_lib
-from stackwise_jax import resident, step as step_lib, store
+from stackwise_jax import resident, step as step_lib, store, workdir_lock
 from stackwise_jax.errors import UserError
 from stackwise_jax.model import param_counts
 from stackwise_jax.phases import Phase
@@ -239,6 +239,7 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
     is not checked); None: no check.
     """
     config_lib.validate(cfg)
+    workdir_lock.check_path(workdir)  # a file where a directory should be: refused, untouched
     checkpoint.check_workdir(workdir, cfg)  # a foreign workdir is refused first, untouched
     data.corpus_files(cfg.data)  # a bad glob fails before anything is written
     summary_path = os.path.join(workdir, "summary.json")
@@ -252,12 +253,25 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
         for row in plan_lib.preflight(cfg, device_memory):  # raises, naming the knobs
             print(f"memory preflight: {row['phase']}: {row['total_bytes'] / 2**30:.2f} of "
                   f"{device_memory / 2**30:.2f} GiB")
-    checkpoint.claim_workdir(workdir, cfg)
+    lock = workdir_lock.acquire(workdir)  # one process per workdir; the first write
+    try:
+        return _run_locked(cfg, workdir, max_steps, progress, rebuild_cache)
+    finally:
+        lock.release()
 
-    prepared = data.prepare(cfg, workdir)
+
+def _run_locked(cfg, workdir: str, max_steps, progress: bool, rebuild_cache: bool) -> dict:
+    """run() under the workdir lock. Nothing lands in the workdir (config.json, tokenizer/)
+    until the corpus, the tokenizer and the rows have all passed their checks, so a start
+    that fails leaves the workdir as it found it and the corrected command runs there."""
+    summary_path = os.path.join(workdir, "summary.json")
+    prepared = data.prepare(cfg, workdir, save_tokenizer=False)
     plan_lib.check_disk(cfg, workdir, len(prepared.train_rows))  # raises, naming the bytes
     trainer = Trainer(cfg, workdir, prepared, rebuild_cache)
     all_phases = phases.all_phases(cfg)
+    data_stats = data.describe(cfg, prepared, all_phases)  # prints it, with any warnings
+    checkpoint.claim_workdir(workdir, cfg)  # inputs known good: the run starts here
+    data.save_run_tokenizer(prepared.tokenizer, workdir)
 
     ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
     meta, data_state, restored = _resume(ckpt, trainer, all_phases, workdir)
@@ -292,6 +306,7 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
         ckpt.close()
 
     summary = _summarize(cfg, meta, trainer, prepared)
+    summary["data"] = data_stats
     checkpoint.atomic_write_text(summary_path, json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("mode", "heldout_loss", "heldout_causal_loss",
                                               "unigram_loss", "wall_s")}, indent=2))
@@ -438,6 +453,10 @@ def _summarize(cfg, meta, trainer: Trainer, prepared) -> dict:
         "peak_rss_bytes": memory.process_peak_rss_bytes(),  # of this call's process
         "train_files": [os.path.basename(p) for p in prepared.train_files],
         "heldout_files": [os.path.basename(p) for p in prepared.heldout_files],
+        # Corpus files not used, with why (empty); and, with data.decode_errors='replace',
+        # the invalid UTF-8 sequences each file had replaced.
+        "skipped_files": prepared.skipped_files,
+        "decode_replacements": prepared.replacements,
     }
     cached = [n for key, n in trainer.compilations.items() if ("inputs", "cache") in key]
     if cached:
