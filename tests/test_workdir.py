@@ -155,9 +155,10 @@ def test_data_stats_and_their_warnings(corpus_dir, tmp_path, capsys):
     assert stats["budget_tokens"] == 2 * 2000 * 4 * 32
     assert stats["epochs"] == round(2 * 2000 * 4 / rows, 3) > data.MANY_EPOCHS
     assert f"{stats['train_tokens']:,} training tokens" in out.out
-    asked = f"fewer than the eval.batches x data.batch_size = 200"
+    asked = "fewer than the eval.batches x data.batch_size = 200"
     assert len(prepared.heldout_rows) < 200 and asked in out.err
     assert f"the budget is {stats['epochs']:.1f} epochs of a small corpus" in out.err
     assert len(stats["warnings"]) == 2
-    quiet = data.describe(small_config(corpus_dir), prepared, phases.all_phases(small_config(corpus_dir)))
+    plain = small_config(corpus_dir)
+    quiet = data.describe(plain, prepared, phases.all_phases(plain))
     assert quiet["warnings"] == [] and quiet["epochs"] < 1
