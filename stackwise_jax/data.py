@@ -144,8 +144,6 @@ def corpus(data_cfg) -> Corpus:
         else:
             _refuse_binary(p)
             used.append(p)
-    for s in skipped:
-        print(f"data.files: skipping '{s['path']}': {s['why']}", file=sys.stderr)
     patterns = [p.strip() for p in heldout_globs.split(",") if p.strip()]
     matches = lambda p: any(fnmatch.fnmatch(os.path.basename(p), g) for g in patterns)  # noqa: E731
     if patterns and not any(matches(p) for p in paths):
@@ -783,6 +781,8 @@ def prepare(cfg, run_dir: str, save_tokenizer: bool = True) -> Prepared:
     for name, n in replaced.items():
         print(f"data.decode_errors=replace: '{name}': {n} invalid UTF-8 sequences read as "
               "U+FFFD", file=sys.stderr)
+    for s in files.skipped:
+        print(f"data.files: skipping '{s['path']}': {s['why']}", file=sys.stderr)
     skipped = [{"file": s["file"], "why": s["why"]} for s in files.skipped]
     return Prepared(tok, shards.rows("train", d.seq_len), shards.rows("heldout", d.seq_len),
                     files.train, files.heldout, skipped, replaced)

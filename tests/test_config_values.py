@@ -1,13 +1,11 @@
 """Every config key against bad values, generated from config.defaults(): a key added later
 is covered without touching this file. Each bad value must stop validation with a
-UserError that names the key; two of them go through the real CLI for exit code 2."""
+UserError that names the key; one goes through the real CLI for exit code 2."""
 
 import math
 import os
 import subprocess
 import sys
-
-import pytest
 
 from stackwise_jax import config
 from stackwise_jax.errors import UserError
@@ -80,15 +78,12 @@ def test_every_key_refuses_every_bad_value():
     assert len(CASES) > 200  # every key, several values each
 
 
-@pytest.mark.parametrize("override,key", [
-    ("--config.training.learning_rate=nan", "training.learning_rate"),
-    ("--config.data.seed=-1", "data.seed"),
-])
-def test_cli_stops_a_bad_value_with_exit_code_2(tmp_path, override, key):
+def test_cli_stops_a_bad_value_with_exit_code_2(tmp_path):
     wd = tmp_path / "wd"
     r = subprocess.run([sys.executable, "-m", "stackwise_jax.train", "--config=configs/tiny.py",
-                        f"--workdir={wd}", override], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
+                        f"--workdir={wd}", "--config.training.learning_rate=nan"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.startswith("error:") and key in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: training.learning_rate=nan must be a finite number")
+    assert "Traceback" not in r.stderr
     assert not wd.exists()

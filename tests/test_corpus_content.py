@@ -82,9 +82,9 @@ def test_binary_empty_and_directory_corpora(tmp_path, capsys):
     files = data.corpus(cfg_for(d).data)
     assert [os.path.basename(p) for p in files.train] == ["a.txt", "b.txt"]
     assert [(s["file"], s["why"]) for s in files.skipped] == [("empty.txt", "empty")]
-    assert f"skipping '{d / 'empty.txt'}': empty" in capsys.readouterr().err
     p = data.prepare(cfg_for(d), str(tmp_path / "run"), save_tokenizer=False)
     assert p.skipped_files == [{"file": "empty.txt", "why": "empty"}]
+    assert f"skipping '{d / 'empty.txt'}': empty" in capsys.readouterr().err
 
     (d / "photo.txt").write_bytes(png_bytes())
     with pytest.raises(UserError, match=f"'{d / 'photo.txt'}' is not text \\(NUL bytes"):
