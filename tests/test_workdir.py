@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import generated_text, small_config
@@ -71,10 +72,18 @@ def test_cache_directory_that_vanishes_while_tokenizing(corpus_dir, tmp_path, pr
         shutil.rmtree(private_cache)
         return write_split(*args)
 
-    monkeypatch.setattr(data, "_write_split", vanish_first)
-    with pytest.raises(UserError, match=f"the cache directory '{private_cache}' vanished"):
-        data.prepare(small_config(corpus_dir), str(tmp_path / "run"), save_tokenizer=False)
+    cfg = small_config(corpus_dir)
+    with monkeypatch.context() as m:
+        m.setattr(data, "_write_split", vanish_first)
+        with pytest.raises(UserError, match=f"the cache directory '{private_cache}' vanished"):
+            data.prepare(cfg, str(tmp_path / "run"), save_tokenizer=False)
     assert not (tmp_path / "run").exists()
+    # Once tokenised, the rows are memory-mapped: the cache vanishing under a running
+    # training changes nothing it reads.
+    p = data.prepare(cfg, str(tmp_path / "run"), save_tokenizer=False)
+    rows = np.array(p.train_rows)
+    shutil.rmtree(private_cache)
+    np.testing.assert_array_equal(p.train_rows, rows)
 
 
 HOLD = ("import sys, time\nfrom stackwise_jax import workdir_lock\n"
