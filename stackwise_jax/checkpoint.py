@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from stackwise_jax import config as config_lib
 from stackwise_jax.errors import UserError
+from stackwise_jax.workdir_lock import LOCK_NAME
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -95,9 +96,8 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
     return cfg
 
 
-# Files that do not make a directory a run: the run lock (workdir_lock.LOCK_NAME), which a
-# killed start may leave behind.
-_NOT_A_RUN = (".lock",)
+# Files that do not make a directory a run: the run lock, which a killed start may leave.
+_NOT_A_RUN = (LOCK_NAME,)
 
 
 def check_workdir(workdir: str, cfg) -> bool:

@@ -7,7 +7,8 @@ left by a run that is gone: it is taken over, and said so. `release()` removes t
 (and the directory, if this call created it and nothing was written there).
 
 flock is advisory and per host: two hosts sharing a network filesystem may not see each
-other's lock; the pid and host in the file still name the holder.
+other's lock; the pid and host in the file still name the holder. On a filesystem without
+locks, a live pid (on this host) in the file is what refuses a second process.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import time
 from stackwise_jax.errors import UserError
 
 LOCK_NAME = ".lock"
+# flock's errors where the filesystem keeps no locks (some FUSE and network mounts).
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 def check_path(workdir: str) -> None:
@@ -110,8 +113,12 @@ def acquire(workdir: str) -> WorkdirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             text = _read_fd(fd)
+            if e.errno in _NO_LOCKS and not _pid_alive(text):
+                print(f"{workdir}: this filesystem has no file locks ({e.strerror}); only the "
+                      "pid in the lock file guards the run", file=sys.stderr, flush=True)
+                break
             os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
+            if e.errno in (errno.EAGAIN, errno.EACCES) or e.errno in _NO_LOCKS:
                 raise UserError(f"--workdir={workdir} is in use by another training process "
                                 f"({_holder(text)}); wait for it to end or stop it (kill -INT "
                                 "<pid> saves a checkpoint), or use another --workdir") from None

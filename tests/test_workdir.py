@@ -171,3 +171,26 @@ def test_data_stats_and_their_warnings(corpus_dir, tmp_path, capsys):
     plain = small_config(corpus_dir)
     quiet = data.describe(plain, prepared, phases.all_phases(plain))
     assert quiet["warnings"] == [] and quiet["epochs"] < 1
+
+
+def test_without_file_locks_the_pid_in_the_lock_file_guards_the_run(tmp_path, monkeypatch,
+                                                                     capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):  # what flock says on a filesystem that keeps no locks
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    wd = tmp_path / "run"
+    wd.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (wd / workdir_lock.LOCK_NAME).write_text(f"pid={dead} host={os.uname().nodename}\n")
+    with workdir_lock.acquire(str(wd)):
+        err = capsys.readouterr().err
+        assert "has no file locks" in err and f"(pid {dead} on" in err, err
+        with pytest.raises(UserError, match=f"in use by another training process \\(pid "
+                                            f"{os.getpid()} on"):
+            workdir_lock.acquire(str(wd))  # the pid in the file is alive: refused
+    assert os.listdir(wd) == []
