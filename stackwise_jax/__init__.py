@@ -13,9 +13,9 @@ def __getattr__(name):
     if name == "load_run":
         from stackwise_jax.run import load_run
         return load_run
-    if name == "generate":
-        from stackwise_jax.generate import generate
-        return generate
+    if name == "generate":  # the module, callable as its generate function
+        import stackwise_jax.generate
+        return stackwise_jax.generate
     if name == "diffusion_generate":
         from stackwise_jax.diffusion_sample import diffusion_generate
         return diffusion_generate

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -173,3 +175,16 @@ def generate(rack, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
                     jnp.float32(top_p), jax.random.key(seed))
     out = np.asarray(out)
     return out[0] if one_row else out
+
+
+class _CallableModule(types.ModuleType):
+    """`stackwise_jax.generate` names this module (importing it makes it the package's
+    attribute), so the module itself is callable as generate(): both
+    `stackwise_jax.generate(rack, ...)` and `from stackwise_jax.generate import generate`
+    work, whatever was imported first."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
