@@ -52,9 +52,13 @@ def _unmask_step(graphdef, state, ids_BxL, start, stop, k, mask_id, temperature,
     rack = nnx.merge(graphdef, state)
     logits_BxLxV = rack(ids_BxL, mode="bidirectional").astype(jnp.float32)
     logits_BxLxV = logits_BxLxV.at[..., mask_id].set(-jnp.inf)  # never predict [MASK]
-    gumbel_BxLxV = jax.random.gumbel(key, logits_BxLxV.shape)
-    noisy_BxLxV = logits_BxLxV + jnp.where(temperature > 0, temperature, 0.0) * gumbel_BxLxV
-    pred_BxL = jnp.argmax(noisy_BxLxV, axis=-1).astype(ids_BxL.dtype)
+    # Gumbel-max: argmax(logits + T g) is a draw from softmax(logits / T). The noise (a
+    # random number per logit, slow on a CPU) is drawn only when T > 0.
+    pred_BxL = jax.lax.cond(
+        temperature > 0,
+        lambda: jnp.argmax(logits_BxLxV + temperature
+                           * jax.random.gumbel(key, logits_BxLxV.shape), axis=-1),
+        lambda: jnp.argmax(logits_BxLxV, axis=-1)).astype(ids_BxL.dtype)
     probs_BxLxV = jax.nn.softmax(logits_BxLxV, axis=-1)
     confidence_BxL = jnp.take_along_axis(probs_BxLxV, pred_BxL[..., None], axis=-1)[..., 0]
     pos_L = jnp.arange(ids_BxL.shape[1])

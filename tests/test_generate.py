@@ -79,6 +79,15 @@ def test_rack_forward_any_length_matches_unchunked():
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e3 * EPS32 * np.abs(whole).max())
 
 
+def test_chunk_size_need_not_divide_the_sequence_length():
+    c = config.defaults()
+    c.model.attention_chunk_size = 48  # data.seq_len 128: the third chunk is padded
+    config.validate(c)
+    c.model.attention_chunk_size = -1
+    with pytest.raises(UserError, match="model.attention_chunk_size=-1 must be an integer >= 0"):
+        config.validate(c)
+
+
 def test_llama70b_causal_forward_of_1500_tokens_has_a_shape():
     """configs/llama70b.py scores 1024 queries at a time; 1,500 tokens used to fail in a
     reshape. Abstract evaluation only: nothing of the 70B model is allocated. Two of the 80
