@@ -27,6 +27,8 @@ def _check_options(method, max_new_tokens, steps, block_length, temperature, top
         raise UserError(f"--max_new_tokens={max_new_tokens} must be >= 1")
     if method == "ar" and (steps is not None or block_length):
         raise UserError("--steps and --block_length apply to --method=diffusion only")
+    if method == "diffusion" and top_p != 1:
+        raise UserError("--top_p applies to --method=ar only")
     if steps is not None and steps < 1:
         raise UserError(f"--steps={steps} must be >= 1")
     if block_length < 0:

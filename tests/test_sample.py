@@ -45,8 +45,9 @@ def test_diffusion_continuation(trained_small_run):
     (dict(method="beam"), "--method='beam': choose one of ar, diffusion"),
     (dict(steps=4), "--steps and --block_length apply to --method=diffusion only"),
     (dict(temperature=-1.0), "--temperature=-1.0 must be >= 0"),
+    (dict(method="diffusion", top_p=0.5), "--top_p applies to --method=ar only"),
 ], ids=["empty", "long-prompt", "too-many-new", "no-new", "steps", "method", "steps-ar",
-        "temperature"])
+        "temperature", "top_p-diffusion"])
 def test_bad_input_names_the_flag(trained_small_run, args, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
         sample.sample_text(trained_small_run, **{"prompt": PROMPT, **args})
