@@ -340,9 +340,8 @@ def validate(cfg) -> None:
 
     _enum(m.remat, "model.remat", REMAT_POLICIES)
     c = m.attention_chunk_size
-    if not isinstance(c, int) or c < 0 or (c and d.seq_len % c):
-        raise UserError(f"model.attention_chunk_size={c!r} must be 0 (off) or divide "
-                        f"data.seq_len={d.seq_len}")
+    if not isinstance(c, int) or isinstance(c, bool) or c < 0:  # any length: the last chunk pads
+        raise UserError(f"model.attention_chunk_size={c!r} must be an integer >= 0 (0: off)")
     if t.loss_chunk_size < 0 or (t.loss_chunk_size and d.seq_len % t.loss_chunk_size):
         raise UserError(f"training.loss_chunk_size={t.loss_chunk_size} must be 0 (off) or divide "
                         f"data.seq_len={d.seq_len}")

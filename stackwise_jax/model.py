@@ -75,12 +75,24 @@ class Attention(nnx.Module):
         v_BxLxKxE = self.v_proj(x_BxLxD).reshape(B, L, K, E)
         # Query head h reads KV head h // G, as HF's repeat_kv does.
         q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, H // K, E)
-        C = self.chunk_size if 0 < self.chunk_size < L else L
-        if C == L:
-            out_BxLxKxGxE = _attend(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, 0, causal)
-        else:
-            out_BxLxKxGxE = _attend_chunked(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, C, causal)
+        out_BxLxKxGxE = attend(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, self.chunk_size, causal)
         return self.o_proj(out_BxLxKxGxE.reshape(B, L, H * E))
+
+
+def attend(q_BxLxKxGxE, k_BxSxKxE, v_BxSxKxE, chunk_size: int, causal: bool, q_offset=0):
+    """Softmax attention of L queries (at positions q_offset..q_offset+L-1) over S keys
+    (at 0..S-1), chunk_size queries at a time when 0 < chunk_size < L. Any L: the queries
+    are padded to a multiple of the chunk and the padded rows' outputs dropped (keys are
+    never padded, so no real query sees padding). A KV cache passes S > L and a traced
+    q_offset; the causal mask then also hides the cache slots not written yet."""
+    L = q_BxLxKxGxE.shape[1]
+    C = chunk_size if 0 < chunk_size < L else L
+    if C == L:
+        return _attend(q_BxLxKxGxE, k_BxSxKxE, v_BxSxKxE, q_offset, causal)
+    pad = -L % C
+    q_padded = jnp.pad(q_BxLxKxGxE, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    out = _attend_chunked(q_padded, k_BxSxKxE, v_BxSxKxE, C, causal, q_offset)
+    return out[:, :L]
 
 
 def _attend(q_BxCxKxGxE, k_BxLxKxE, v_BxLxKxE, q_offset, causal: bool):
@@ -95,19 +107,19 @@ def _attend(q_BxCxKxGxE, k_BxLxKxE, v_BxLxKxE, q_offset, causal: bool):
     return jnp.einsum("bkgcl,blke->bckge", probs_BxKxGxCxL, v_BxLxKxE)
 
 
-def _attend_chunked(q_BxLxKxGxE, k_BxLxKxE, v_BxLxKxE, C: int, causal: bool):
-    """The same attention C queries at a time: each query row's softmax is over all keys,
-    so chunking the queries is exact. Each chunk is rematerialised in the backward pass,
-    so at most one (C, L) score block per head exists, never the whole (L, L)."""
+def _attend_chunked(q_BxLxKxGxE, k_BxSxKxE, v_BxSxKxE, C: int, causal: bool, q_offset=0):
+    """The same attention C queries at a time (L a multiple of C): each query row's softmax
+    is over all keys, so chunking the queries is exact. Each chunk is rematerialised in the
+    backward pass, so at most one (C, S) score block per head exists, never the whole (L, S)."""
     B, L, K, G, E = q_BxLxKxGxE.shape
     q_NxBxCxKxGxE = jnp.moveaxis(q_BxLxKxGxE.reshape(B, L // C, C, K, G, E), 1, 0)
 
     @jax.checkpoint
-    def one_chunk(q_BxCxKxGxE, q_offset):
-        return _attend(q_BxCxKxGxE, k_BxLxKxE, v_BxLxKxE, q_offset, causal)
+    def one_chunk(q_BxCxKxGxE, chunk_offset):
+        return _attend(q_BxCxKxGxE, k_BxSxKxE, v_BxSxKxE, chunk_offset, causal)
 
     out_NxBxCxKxGxE = jax.lax.map(lambda args: one_chunk(*args),
-                                  (q_NxBxCxKxGxE, jnp.arange(L // C) * C))
+                                  (q_NxBxCxKxGxE, q_offset + jnp.arange(L // C) * C))
     return jnp.moveaxis(out_NxBxCxKxGxE, 0, 1).reshape(B, L, K, G, E)
 
 

@@ -80,3 +80,14 @@ def small_config(corpus_dir: str, **overrides):
         node[leaf] = value
     config.validate(c)
     return c
+
+
+@pytest.fixture(scope="session")
+def trained_small_run(corpus_dir, tmp_path_factory):
+    """The small config trained to the end (2 stages of 6 steps), shared by the tests that
+    only read a finished run (classify, sample)."""
+    from stackwise_jax import train
+
+    wd = str(tmp_path_factory.mktemp("trained_small") / "run")
+    train.run(small_config(corpus_dir), wd, progress=False)
+    return wd

@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from conftest import small_config
-from stackwise_jax import classify, train
+from stackwise_jax import classify
 from stackwise_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,10 +36,8 @@ def toy_split(n_per_class: int, seed: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(corpus_dir, tmp_path_factory):
-    wd = str(tmp_path_factory.mktemp("classify") / "run")
-    train.run(small_config(corpus_dir), wd, progress=False)
-    return wd
+def run_dir(trained_small_run):
+    return trained_small_run
 
 
 def test_probe_separates_texts_made_of_disjoint_words(run_dir, tmp_path):

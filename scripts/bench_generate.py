@@ -1,0 +1,125 @@
+"""Generation speed on this machine, and KV-cache bytes per token from the configs.
+
+    python scripts/bench_generate.py [--workdir=RUN] [--out=docs/generation_benchmark.json]
+
+The model: the run in --workdir (its latest checkpoint), or configs/tiny.py at its random
+initialisation (speed does not depend on the weights). For each batch size: causal
+generation with the KV cache (stackwise_jax.generate), the same by a full causal forward
+per token (what the cache saves), and masked-diffusion sampling with one step per token.
+Each is timed after a first call that compiles it; the best of --repeats runs is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from stackwise_jax import checkpoint, config, model  # noqa: E402
+from stackwise_jax import generate as generate_lib  # noqa: E402
+from stackwise_jax.diffusion_sample import diffusion_generate  # noqa: E402
+
+CACHE_CONFIGS = ("configs/tiny.py", "configs/llama1b.py", "configs/llama70b.py")
+
+
+def best_time(fn, repeats: int) -> tuple[float, float]:
+    """(seconds of the first call, which compiles; best of `repeats` later calls)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        runs.append(time.perf_counter() - t0)
+    return first, min(runs)
+
+
+def full_recompute(rack):
+    """Greedy decoding by a full causal forward of the whole (fixed) buffer per token."""
+    graphdef, state = nnx.split(rack)
+    forward = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids, mode="causal"))
+
+    def decode(prompt_BxP, n_new):
+        B, P = prompt_BxP.shape
+        ids = np.zeros((B, P + n_new), np.int32)
+        ids[:, :P] = prompt_BxP
+        for t in range(P, P + n_new):
+            ids[:, t] = np.asarray(forward(state, jnp.asarray(ids))[:, t - 1].argmax(-1))
+        return ids
+    return decode
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default=None, help="a run to load; default: tiny at init")
+    p.add_argument("--prompt_len", type=int, default=16)
+    p.add_argument("--new_tokens", type=int, default=112)
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "generation_benchmark.json"))
+    args = p.parse_args(argv)
+
+    if args.workdir:
+        from stackwise_jax.run import load_run
+        loaded = load_run(args.workdir)
+        rack, mask_id, source = loaded.rack, loaded.tokenizer.mask_id, args.workdir
+    else:
+        m = config.load(os.path.join(ROOT, "configs/tiny.py")).model
+        rack, mask_id, source = model.Rack(m, nnx.Rngs(0)), m.vocab_size - 1, "configs/tiny.py, init"
+    m = rack.config
+    rng = np.random.default_rng(0)
+    recompute = full_recompute(rack)
+    rows = []
+    for B in (int(b) for b in args.batches.split(",")):
+        prompt = rng.integers(0, m.vocab_size - 1, (B, args.prompt_len)).astype(np.int32)
+        n = args.new_tokens
+        cases = {
+            "ar, KV cache": lambda: generate_lib.generate(rack, prompt, n),
+            "ar, full forward per token": lambda: recompute(prompt, n),
+            "diffusion, 1 step per token": lambda: diffusion_generate(rack, prompt, n, mask_id,
+                                                                      steps=n),
+        }
+        for name, fn in cases.items():
+            first, best = best_time(fn, args.repeats)
+            rows.append({"method": name, "batch": B, "prompt_len": args.prompt_len,
+                         "new_tokens": n, "first_call_s": round(first, 3),
+                         "best_s": round(best, 4), "tokens_per_s": round(B * n / best, 1)})
+            print(f"{name:<30} B={B:<3} first call {first:7.2f} s   best {best:8.4f} s   "
+                  f"{B * n / best:9.1f} tokens/s", flush=True)
+
+    cache = []
+    for path in CACHE_CONFIGS:
+        cm = config.load(os.path.join(ROOT, path)).model
+        for dtype, nbytes in (("bf16", 2), ("fp32", 4)):
+            per_token = generate_lib.cache_bytes_per_token(cm, nbytes)
+            for kind, b in per_token.items():
+                cache.append({"config": path, "cache": kind, "dtype": dtype,
+                              "bytes_per_token": b})
+    print(f"\n{'config':<22}{'cache':<8}{'dtype':<7}{'bytes/token':>14}{'MiB per 4096':>14}")
+    for c in cache:
+        print(f"{c['config']:<22}{c['cache']:<8}{c['dtype']:<7}{c['bytes_per_token']:>14,}"
+              f"{c['bytes_per_token'] * 4096 / 2**20:>14,.0f}")
+
+    report = {"command": "python scripts/bench_generate.py " + " ".join(argv or sys.argv[1:]),
+              "model": source, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "jax": jax.__version__, "backend": jax.default_backend(),
+              "speed": rows, "cache_bytes_per_token": cache}
+    checkpoint.atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
