@@ -6,17 +6,23 @@ import os
 
 import numpy as np
 import pytest
-from test_export import (  # noqa: F401  (bpe is a fixture)
-    assert_clean_error, bpe, causal_forward, check_parity, forbid_whole_tree, hf_logits,
+from conftest import generated_text
+from test_export import (
+    assert_clean_error, causal_forward, check_parity, forbid_whole_tree, hf_logits,
     hf_tokenizer_dir, random_params, run_cli, safetensors_dict, tiny_cfg, write_run)
 
 from export import hf as export_hf
 from export import mapping
-from stackwise_jax import config
+from stackwise_jax import config, data
 from stackwise_jax.run import load_run, rack_from_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return data.build_tokenizer(config.defaults().data, [generated_text(300, 0)], 300)
 
 
 def mla_cfg(q_lora_rank, tie_embeddings, n_stacks=2, blocks_per_stack=2, **mla):

@@ -124,8 +124,9 @@ def test_resume_after_crash_uses_last_periodic_checkpoint(corpus_dir, tmp_path):
         assert np.array_equal(leaves(params_of(crashed))[path], value), path
 
 
-def test_load_run_returns_a_rack_that_runs_in_both_modes(corpus_dir, tmp_path):
-    cfg = small_config(corpus_dir)
+@pytest.mark.parametrize("attention", ["gqa", "mla", "linear"])
+def test_load_run_returns_a_rack_that_runs_in_both_modes(corpus_dir, tmp_path, attention):
+    cfg = small_config(corpus_dir, **{"model.attention": attention})
     wd = str(tmp_path / "run")
     summary = train.run(cfg, wd, progress=False)
     rack, tokenizer, loaded_cfg = load_run(wd)
