@@ -68,16 +68,37 @@ def score_flops_per_token(m, seq_len: int) -> float:
     return 4 * seq_len * H * E
 
 
-def softmax_attention(q_BxLxHxE, k_BxLxHxE, v_BxLxHxF, causal: bool):
-    """Plain multi-head softmax attention, 1/sqrt(E) scaling, scores in float32."""
-    L, E = q_BxLxHxE.shape[1], q_BxLxHxE.shape[-1]
-    scores_BxHxLxL = jnp.einsum("bqhe,bkhe->bhqk", q_BxLxHxE, k_BxLxHxE).astype(jnp.float32)
-    scores_BxHxLxL = scores_BxHxLxL / jnp.sqrt(jnp.float32(E))
+def _softmax_block(q_BxCxHxE, k_BxLxHxE, v_BxLxHxF, q_offset, causal: bool):
+    """C queries (from position q_offset) over all L keys: 1/sqrt(E), scores in float32."""
+    C, L, E = q_BxCxHxE.shape[1], k_BxLxHxE.shape[1], q_BxCxHxE.shape[-1]
+    scores_BxHxCxL = jnp.einsum("bqhe,bkhe->bhqk", q_BxCxHxE, k_BxLxHxE).astype(jnp.float32)
+    scores_BxHxCxL = scores_BxHxCxL / jnp.sqrt(jnp.float32(E))
     if causal:
-        allowed_LxL = jnp.arange(L)[:, None] >= jnp.arange(L)[None, :]
-        scores_BxHxLxL = jnp.where(allowed_LxL, scores_BxHxLxL, jnp.finfo(jnp.float32).min)
-    probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1).astype(v_BxLxHxF.dtype)
-    return jnp.einsum("bhqk,bkhf->bqhf", probs_BxHxLxL, v_BxLxHxF)
+        allowed_CxL = (q_offset + jnp.arange(C))[:, None] >= jnp.arange(L)[None, :]
+        scores_BxHxCxL = jnp.where(allowed_CxL, scores_BxHxCxL, jnp.finfo(jnp.float32).min)
+    probs_BxHxCxL = jax.nn.softmax(scores_BxHxCxL, axis=-1).astype(v_BxLxHxF.dtype)
+    return jnp.einsum("bhqk,bkhf->bqhf", probs_BxHxCxL, v_BxLxHxF)
+
+
+def softmax_attention(q_BxLxHxE, k_BxLxHxE, v_BxLxHxF, causal: bool, chunk: int = 0):
+    """Multi-head softmax attention; chunk > 0 scores that many queries at a time (each
+    query's softmax is over all keys, so it is exact), rematerialising each chunk in the
+    backward pass: one (C, L) score block per head at a time, as model.attention_chunk_size
+    does for GQA. Any length: the last chunk's missing queries are padding, dropped."""
+    B, L, H, E = q_BxLxHxE.shape
+    if not 0 < chunk < L:
+        return _softmax_block(q_BxLxHxE, k_BxLxHxE, v_BxLxHxF, 0, causal)
+    pad = -L % chunk
+    N = (L + pad) // chunk
+    q_NxBxCxHxE = jnp.moveaxis(jnp.pad(q_BxLxHxE, ((0, 0), (0, pad), (0, 0), (0, 0)))
+                               .reshape(B, N, chunk, H, E), 1, 0)
+
+    @jax.checkpoint
+    def one_chunk(q_BxCxHxE, q_offset):
+        return _softmax_block(q_BxCxHxE, k_BxLxHxE, v_BxLxHxF, q_offset, causal)
+
+    out_NxBxCxHxF = jax.lax.map(lambda a: one_chunk(*a), (q_NxBxCxHxE, jnp.arange(N) * chunk))
+    return jnp.moveaxis(out_NxBxCxHxF, 0, 1).reshape(B, N * chunk, H, -1)[:, :L]
 
 
 class MLAttention(nnx.Module):
@@ -85,7 +106,7 @@ class MLAttention(nnx.Module):
 
     def __init__(self, m, rngs: nnx.Rngs):
         c, D, H = m.mla, m.d_model, m.n_heads
-        self.n_heads = H
+        self.n_heads, self.chunk_size = H, m.attention_chunk_size
         self.q_lora_rank, self.kv_lora_rank = c.q_lora_rank, c.kv_lora_rank
         self.nope, self.rope, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         qk = self.nope + self.rope
@@ -123,7 +144,8 @@ class MLAttention(nnx.Module):
         kv_BxLxHxN = self.kv_b_proj(c_BxLxC).reshape(B, L, H, self.nope + self.v_dim)
         k_rope_BxLxHxR = jnp.broadcast_to(k_rope_BxLxR[:, :, None], (B, L, H, self.rope))
         k_BxLxHxQ = jnp.concatenate([kv_BxLxHxN[..., :self.nope], k_rope_BxLxHxR], axis=-1)
-        out_BxLxHxV = softmax_attention(q_BxLxHxQ, k_BxLxHxQ, kv_BxLxHxN[..., self.nope:], causal)
+        out_BxLxHxV = softmax_attention(q_BxLxHxQ, k_BxLxHxQ, kv_BxLxHxN[..., self.nope:], causal,
+                                        self.chunk_size)
         return self.o_proj(out_BxLxHxV.reshape(B, L, H * self.v_dim))
 
 

@@ -451,7 +451,7 @@ def _advice(cfg, row: dict, phase: str) -> list[str]:
     if remat != "full":
         temps.append((remat_key, "full", remat, "recompute each block in backward"))
     chunk = _chunk_for(d.seq_len)
-    if chunk and m.attention_chunk_size == 0:
+    if chunk and m.attention_chunk_size == 0 and m.attention != "linear":  # linear: O(L) already
         temps.append(("model.attention_chunk_size", chunk, 0,
                       "no full attention score matrices"))
     if chunk and t.loss_chunk_size == 0:
