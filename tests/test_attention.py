@@ -58,14 +58,17 @@ def test_chunked_softmax_attention_is_exact(causal):
 
 @pytest.mark.parametrize("kind", ["linear", "mla"])
 def test_causal_mode_ignores_the_future_bidirectional_does_not(kind):
+    """Positions before 9 ignore a change at 9 in causal mode only."""
     m = model_cfg(kind, **{"linear.chunk_size": 4, "mla.q_lora_rank": 8,
                            "attention_chunk_size": 4})  # 13 positions: padded chunks
-    rack = model.Rack(m, nnx.Rngs(0))
-    ids = jnp.arange(13)[None] % 64
-    both = jnp.concatenate([ids, ids.at[0, 9].set(50)])
-    for mode, same in (("causal", True), ("bidirectional", False)):
-        a, b = nnx.jit(lambda rack, ids: rack(ids, mode=mode))(rack, both)
-        assert bool(jnp.allclose(a[:9], b[:9], atol=1e-6)) == same, mode
+    layer = attention.MODULES[kind](m, nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (1, 13, 32))
+    both = jnp.concatenate([x, x.at[0, 9].set(1.0)])
+    cos, sin = model._rope_tables(m, 13)
+    for causal in (True, False):
+        a, b = nnx.jit(lambda layer, x: layer(x, cos, sin, causal))(layer, both)
+        assert bool(jnp.allclose(a[:9], b[:9], atol=1e-6)) == causal, causal
+        assert not jnp.allclose(a[9:], b[9:], atol=1e-6)  # position 9 on sees the change
 
 
 def test_mla_parameters_and_cache_numbers():

@@ -47,9 +47,9 @@ def stage_loss(cfg, phase, trainable, frozen, batch):
 # 3.2e-3 (bf16), 2.4e-5 and 6.4e-2 (fp8), relative; docs/cache.md.
 @pytest.mark.parametrize("cache_dtype,fmt,compute,loss_tol,grad_tol,attention", [
     ("fp32", "fp32", "fp32", 0.0, 0.0, "gqa"), ("bf16", "nf4", "bf16", 0.0, 0.0, "gqa"),
-    ("fp32", "nf4", "fp32", 0.0, 0.0, "gqa"), ("bf16", "fp32", "fp32", 1e-4, 2e-2, "gqa"),
-    ("fp8", "fp32", "fp32", 1e-3, 0.25, "gqa"),
-    # Latent attention (kernels in nf4 too): the cache builder and the step are separate XLA
+    ("bf16", "fp32", "fp32", 1e-4, 2e-2, "gqa"), ("fp8", "fp32", "fp32", 1e-3, 0.25, "gqa"),
+    # Latent attention with an nf4 trunk in float32 (in place of the same case with GQA, to
+    # keep the suite's time): the cache builder and the step are separate XLA
     # programs, and for MLA XLA:CPU orders some float32 sums differently in each, so the
     # hidden states entering stack 2 differ by float32 rounding (2^-24 relative); measured
     # 1.8e-7 relative on a final-norm gradient. 1e-6 / 1e-5 allow a few ulps' growth only.
