@@ -49,7 +49,7 @@ def layer_step(variant: str, L: int, d_model: int, chunk: int):
     m.linear.chunk_size = chunk
     block = model.Block(m, nnx.Rngs(0))
     graphdef, params = nnx.split(block)
-    cos, sin = model._rope_tables(m, L)
+    cos, sin = model.rope_tables(m, L)
 
     def loss(params, x):
         out = nnx.merge(graphdef, params)(x, cos, sin, mode == "causal")

@@ -2,7 +2,7 @@
 
 model.py builds one of these for `model.attention` = 'mla' or 'linear' (GQA lives there).
 Both take what GQA takes, (x, cos, sin, causal), so a Block does not care which it holds;
-the RoPE tables come at the width of the rotated part (model._rope_tables).
+the RoPE tables come at the width of the rotated part (model.rope_tables).
 
 MLA (DeepSeek-V2, arXiv:2405.04434, section 2.1; the layout of HF's DeepseekV3Attention):
   query   q = W_qb RMSNorm(W_qa x)            (q_lora_rank > 0; else q = W_q x)

@@ -132,7 +132,7 @@ def make_attention(m, rngs: nnx.Rngs):
     return attention.MODULES[m.attention](m, rngs)
 
 
-def _rope_tables(m, seq_len: int):
+def rope_tables(m, seq_len: int):
     """cos, sin at the width the configured attention rotates (MLA: qk_rope_head_dim)."""
     head_dim = m.mla.qk_rope_head_dim if m.attention == "mla" else m.d_model // m.n_heads
     return rope_cos_sin(seq_len, head_dim, m.rope_theta)
@@ -233,7 +233,7 @@ class Rack(nnx.Module):
         """Applies stacks[start:stop] to hidden states."""
         causal = _check_mode(mode)
         m = self.config
-        cos_LxE, sin_LxE = _rope_tables(m, x_BxLxD.shape[1])
+        cos_LxE, sin_LxE = rope_tables(m, x_BxLxD.shape[1])
         for stack in self.stacks[start:stop]:
             x_BxLxD = stack(x_BxLxD, cos_LxE, sin_LxE, causal)
         return x_BxLxD
@@ -246,7 +246,7 @@ class Rack(nnx.Module):
         what each layer keeps for that backward pass."""
         causal = _check_mode(mode)
         m = self.config
-        cos_LxE, sin_LxE = _rope_tables(m, x_BxLxD.shape[1])
+        cos_LxE, sin_LxE = rope_tables(m, x_BxLxD.shape[1])
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(m, nnx.Rngs(0))))
         return scan_blocks(graphdef, trunk_blocks, x_BxLxD, cos_LxE, sin_LxE, causal, remat,
                            adapters, lora_alpha)

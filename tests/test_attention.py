@@ -64,7 +64,7 @@ def test_causal_mode_ignores_the_future_bidirectional_does_not(kind):
     layer = attention.MODULES[kind](m, nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (1, 13, 32))
     both = jnp.concatenate([x, x.at[0, 9].set(1.0)])
-    cos, sin = model._rope_tables(m, 13)
+    cos, sin = model.rope_tables(m, 13)
     for causal in (True, False):
         a, b = nnx.jit(lambda layer, x: layer(x, cos, sin, causal))(layer, both)
         assert bool(jnp.allclose(a[:9], b[:9], atol=1e-6)) == causal, causal
