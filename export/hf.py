@@ -1,4 +1,4 @@
-"""StackWise run <-> HF Llama directory (safetensors, config.json, tokenizer files): the CLI,
+"""StackWise run <-> HF Llama / DeepSeek-V3 (MLA, dense) directory (safetensors, config.json, tokenizer files): the CLI,
 and the export. The import is in export/importing.py.
 
 Export:  python -m export.hf --workdir=RUN_DIR --out=OUT_DIR [--dtype=float32|bfloat16]
@@ -86,24 +86,26 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32", max_shard_siz
                overwrite: bool = False, allow_unfinished: bool = False,
                progress: bool = True) -> str:
     """Writes the run's parameters at its latest (finished) checkpoint to out_dir as an HF
-    Llama directory."""
+    directory: Llama for model.attention='gqa', DeepSeek-V3 (dense) for 'mla'."""
     if dtype not in stream.DTYPES:
         raise UserError(f"--dtype={dtype!r}: choose one of {', '.join(stream.DTYPES)}")
     max_bytes = stream.parse_size(max_shard_size)
     cfg = checkpoint.read_config(workdir)
     m = cfg.model
+    mapping.check_exportable(m)
     dirs.check_target(out_dir, "--out", overwrite, workdir)
     params = _open_run(workdir, allow_unfinished)
     layout = _by_group(m)
     _check_stored_groups(params, layout)
 
-    from transformers import GenerationConfig, LlamaConfig
+    import transformers
 
     with dirs.written_in_temp(out_dir) as tmp:
         tok = tokenizer.to_hf(os.path.join(workdir, "tokenizer"), tmp, cfg.data.seq_len)
-        LlamaConfig(**mapping.hf_config_kwargs(cfg, tok, dtype)).save_pretrained(tmp)
-        GenerationConfig(bos_token_id=tok["bos_id"], eos_token_id=tok["eos_id"],
-                         pad_token_id=tok["eos_id"]).save_pretrained(tmp)
+        hf_config = getattr(transformers, mapping.hf_config_class(m))
+        hf_config(**mapping.hf_config_kwargs(cfg, tok, dtype)).save_pretrained(tmp)
+        transformers.GenerationConfig(bos_token_id=tok["bos_id"], eos_token_id=tok["eos_id"],
+                                      pad_token_id=tok["eos_id"]).save_pretrained(tmp)
         tensors = mapping.all_tensors(m)
         writer = stream.ShardedWriter(tmp, [(t.hf_name, t.hf_shape) for t in tensors], dtype,
                                       max_bytes)

@@ -1,4 +1,4 @@
-"""HF Llama directory -> a new StackWise run directory (ready to train).
+"""HF Llama or dense DeepSeek-V3 directory -> a new StackWise run directory (ready to train).
 
 The config gives the stack partition; every HF value and tensor shape is checked against
 it first, so a mismatch stops the import before anything is written. The weights become
@@ -23,6 +23,7 @@ from stackwise_jax.errors import UserError
 IMPORT_META = {"stage": 0, "step": 0, "global_step": 0, "done": False, "stages": [],
                "stage_wall_s": 0.0, "stage_tokens": 0, "stage_nonfinite": 0}
 IMPORT_VERSION = 0  # stores no phase wrote: read by phase 0 on (store.py)
+HF_CONFIGS = {"llama": "LlamaConfig", "deepseek_v3": "DeepseekV3Config"}
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)  # buffers some old Llama checkpoints saved
 
 
@@ -33,13 +34,15 @@ def _read_hf_config(hf_dir: str):
     with open(path) as f:
         raw = json.load(f)
     kind = raw.get("model_type")
-    if kind != "llama":
+    if kind not in HF_CONFIGS:
         archs = ", ".join(raw.get("architectures") or []) or "unknown architecture"
         raise UserError(f"--import_from={hf_dir} holds a '{kind}' model ({archs}); only Llama "
-                        "(model_type 'llama', LlamaForCausalLM) checkpoints can be imported")
-    from transformers import LlamaConfig
+                        "(model_type 'llama', LlamaForCausalLM) and dense DeepSeek-V3 "
+                        "(model_type 'deepseek_v3', DeepseekV3ForCausalLM) checkpoints can be "
+                        "imported")
+    import transformers
 
-    return LlamaConfig.from_pretrained(hf_dir)
+    return getattr(transformers, HF_CONFIGS[kind]).from_pretrained(hf_dir)
 
 
 def _hf_tensors(hf_dir: str, hf, m) -> dict[str, str]:
@@ -58,7 +61,7 @@ def _hf_tensors(hf_dir: str, hf, m) -> dict[str, str]:
     extra = [n for n in files if n not in want and not n.endswith(IGNORED_HF_TENSORS)
              and not (n == "lm_head.weight" and m.tie_embeddings)]
     if extra:
-        raise UserError(f"'{hf_dir}' has tensor {extra[0]} that a Llama of this config does not "
+        raise UserError(f"'{hf_dir}' has tensor {extra[0]} that a model of this config does not "
                         f"have ({len(extra)} unexpected in all)")
     for name, shape in want.items():
         with safe_open(files[name], framework="numpy") as f:
@@ -69,15 +72,23 @@ def _hf_tensors(hf_dir: str, hf, m) -> dict[str, str]:
     return {n: files[n] for n in want}
 
 
-def _write_stores(files: dict[str, str], m, hf_vocab: int, run_dir: str, stack_dtype: str,
+def _write_stores(files: dict[str, str], m, hf, run_dir: str, stack_dtype: str,
                   progress: bool) -> None:
     """The HF weights as the run's version-0 stores: the embedding, final norm and head in
-    float32, each stack in `stack_dtype`; one HF tensor read at a time, one group in memory."""
+    float32, each stack in `stack_dtype`; one HF tensor read at a time, one group in memory.
+    DeepSeek weights saved with interleaved RoPE rows are put in StackWise's layout."""
     from safetensors import safe_open
+
+    hf_vocab = hf.vocab_size
+    interleaved = bool(getattr(hf, "rope_interleave", False)) and m.attention == "mla"
 
     def get(name):
         with safe_open(files[name], framework="numpy") as f:
-            return np.asarray(f.get_tensor(name), dtype=np.float32)
+            array = np.asarray(f.get_tensor(name), dtype=np.float32)
+        short = name.split(".")[-2]  # model.layers.N.self_attn.<short>.weight
+        if interleaved and short in mapping.MLA_ROPE_ROWS:
+            array = mapping.deinterleave_rope_rows(short, array, m)
+        return array
 
     def rows(matrix_VxD):  # rows past the HF vocabulary start as the mean row
         extra = m.vocab_size - hf_vocab
@@ -112,7 +123,7 @@ def _write_stores(files: dict[str, str], m, hf_vocab: int, run_dir: str, stack_d
 
 def import_hf(hf_dir: str, workdir: str, cfg, overwrite: bool = False,
               progress: bool = True) -> str:
-    """Writes a new run directory holding the HF Llama checkpoint in hf_dir, ready to train
+    """Writes a new run directory holding the HF Llama / DeepSeek-V3 checkpoint in hf_dir, ready to train
     (version-0 stores, checkpoint 0 at stage 0, step 0)."""
     m = cfg.model
     hf = _read_hf_config(hf_dir)
@@ -129,7 +140,7 @@ def import_hf(hf_dir: str, workdir: str, cfg, overwrite: bool = False,
                 f"model.vocab_size={m.vocab_size}. Set --config.model.vocab_size={tok.vocab_size}:"
                 f" the embedding{'' if m.tie_embeddings else ' and head'} then get "
                 f"{max(added, 0)} new row(s), started as the mean row")
-        _write_stores(files, m, hf.vocab_size, tmp, cfg.training.progressive.stack_storage_dtype,
+        _write_stores(files, m, hf, tmp, cfg.training.progressive.stack_storage_dtype,
                       progress)
         ckpt = checkpoint.Checkpointer(tmp, cfg.checkpoint.max_to_keep)
         ckpt.save(0, dict(IMPORT_META), data_state={})

@@ -52,6 +52,19 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.init_std = 0.02
     c.model.remat = "none"  # what a block keeps for backward: none, full, save_dots
     c.model.attention_chunk_size = 0  # >0: attention scores this many queries at a time
+    # gqa: grouped-query softmax attention (Llama); mla: DeepSeek's multi-head latent
+    # attention (model.mla.*); linear: kernel attention, O(L) (model.linear.*). See
+    # stackwise_jax/attention.py.
+    c.model.attention = "gqa"
+    c.model.mla = ml_collections.ConfigDict()
+    c.model.mla.q_lora_rank = 0  # 0: a full query projection; > 0: low-rank query, own RMSNorm
+    c.model.mla.kv_lora_rank = 64  # width of the compressed key/value latent (what is cached)
+    c.model.mla.qk_nope_head_dim = 32  # per-head key/query part without RoPE
+    c.model.mla.qk_rope_head_dim = 16  # RoPE part, one key shared by all heads (even)
+    c.model.mla.v_head_dim = 32
+    c.model.linear = ml_collections.ConfigDict()
+    c.model.linear.feature_map = "elu"  # phi(x) = elu(x) + 1
+    c.model.linear.chunk_size = 64  # causal mode: positions per chunk of the prefix-sum scan
     c.model.architecture = ml_collections.ConfigDict()
     c.model.architecture.n_stacks = 4
     c.model.architecture.blocks_per_stack = 1
@@ -338,6 +351,7 @@ def validate(cfg) -> None:
     _positive_int(d.bpe_sample_bytes, "data.bpe_sample_bytes")
     _enum(d.decode_errors, "data.decode_errors", DECODE_ERRORS)
 
+    _validate_attention(m)
     _enum(m.remat, "model.remat", REMAT_POLICIES)
     c = m.attention_chunk_size
     if not isinstance(c, int) or isinstance(c, bool) or c < 0:  # any length: the last chunk pads
@@ -419,6 +433,11 @@ def validate(cfg) -> None:
     if not f.lora_targets or bad:
         raise UserError(f"training.fusion.lora_targets={tuple(f.lora_targets)!r}: choose one or "
                         f"more of {', '.join(PROJECTIONS)}")
+    from stackwise_jax.attention import projections
+    has = projections(m) + ("gate_proj", "up_proj", "down_proj")
+    if f.steps and not any(x in has for x in f.lora_targets):  # absent targets are skipped
+        raise UserError(f"training.fusion.lora_targets={tuple(f.lora_targets)!r} names no "
+                        f"projection of model.attention='{m.attention}'; it has {', '.join(has)}")
     _positive_int(cfg.checkpoint.every_steps, "checkpoint.every_steps")
     _positive_int(cfg.checkpoint.max_to_keep, "checkpoint.max_to_keep")
     b = cfg.eval.batches
@@ -426,6 +445,25 @@ def validate(cfg) -> None:
         raise UserError(f"eval.batches={b!r} must be an integer >= 0 (0: every held-out row)")
     if not cfg.eval.mask_ratios or not all(0.0 < r <= 1.0 for r in cfg.eval.mask_ratios):
         raise UserError(f"eval.mask_ratios={cfg.eval.mask_ratios} must be ratios in (0, 1]")
+
+
+def _validate_attention(m) -> None:
+    """model.attention and its own keys (model.mla.*, model.linear.*)."""
+    from stackwise_jax.attention import ATTENTIONS, FEATURE_MAPS
+
+    _enum(m.attention, "model.attention", ATTENTIONS)
+    c = m.mla
+    q = c.q_lora_rank
+    if not isinstance(q, int) or isinstance(q, bool) or q < 0:
+        raise UserError(f"model.mla.q_lora_rank={q!r} must be an integer >= 0 (0: a full query "
+                        "projection)")
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        _positive_int(c[key], f"model.mla.{key}")
+    if c.qk_rope_head_dim % 2:
+        raise UserError(f"model.mla.qk_rope_head_dim={c.qk_rope_head_dim} must be even: RoPE "
+                        "rotates pairs of dimensions")
+    _enum(m.linear.feature_map, "model.linear.feature_map", FEATURE_MAPS)
+    _positive_int(m.linear.chunk_size, "model.linear.chunk_size")
 
 
 def _validate_cache(cfg) -> None:

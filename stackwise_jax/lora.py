@@ -21,7 +21,10 @@ import jax.numpy as jnp
 
 from stackwise_jax.errors import UserError
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# GQA and linear attention: q, k, v, o; MLA (attention.py): q (or q_a, q_b), kv_a, kv_b, o.
+# A target the model's attention lacks is skipped (config.validate wants one that exists).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+               "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 
 
 def _check(targets, rank: int) -> tuple[str, ...]:

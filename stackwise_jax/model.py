@@ -135,12 +135,27 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x_BxLxD)) * self.up_proj(x_BxLxD))
 
 
+def make_attention(m, rngs: nnx.Rngs):
+    """The attention `model.attention` names: GQA here, MLA or linear from attention.py."""
+    if m.attention == "gqa":
+        return Attention(m, rngs)
+    from stackwise_jax import attention  # deferred: it builds on this module's layers
+
+    return attention.MODULES[m.attention](m, rngs)
+
+
+def rope_tables(m, seq_len: int):
+    """cos, sin at the width the configured attention rotates (MLA: qk_rope_head_dim)."""
+    head_dim = m.mla.qk_rope_head_dim if m.attention == "mla" else m.d_model // m.n_heads
+    return rope_cos_sin(seq_len, head_dim, m.rope_theta)
+
+
 class Block(nnx.Module):
     """Pre-norm transformer layer: x + attn(norm(x)), then + mlp(norm(x))."""
 
     def __init__(self, m, rngs: nnx.Rngs):
         self.input_norm = RMSNorm(m.d_model, m.norm_eps)
-        self.attn = Attention(m, rngs)
+        self.attn = make_attention(m, rngs)
         self.post_attention_norm = RMSNorm(m.d_model, m.norm_eps)
         self.mlp = MLP(m, rngs)
 
@@ -230,7 +245,7 @@ class Rack(nnx.Module):
         """Applies stacks[start:stop] to hidden states."""
         causal = _check_mode(mode)
         m = self.config
-        cos_LxE, sin_LxE = rope_cos_sin(x_BxLxD.shape[1], m.d_model // m.n_heads, m.rope_theta)
+        cos_LxE, sin_LxE = rope_tables(m, x_BxLxD.shape[1])
         for stack in self.stacks[start:stop]:
             x_BxLxD = stack(x_BxLxD, cos_LxE, sin_LxE, causal)
         return x_BxLxD
@@ -243,7 +258,7 @@ class Rack(nnx.Module):
         what each layer keeps for that backward pass."""
         causal = _check_mode(mode)
         m = self.config
-        cos_LxE, sin_LxE = rope_cos_sin(x_BxLxD.shape[1], m.d_model // m.n_heads, m.rope_theta)
+        cos_LxE, sin_LxE = rope_tables(m, x_BxLxD.shape[1])
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(m, nnx.Rngs(0))))
         return scan_blocks(graphdef, trunk_blocks, x_BxLxD, cos_LxE, sin_LxE, causal, remat,
                            adapters, lora_alpha)

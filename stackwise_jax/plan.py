@@ -86,10 +86,14 @@ def _sds(shape, dtype):
 
 
 def _stack_forward_flops(cfg) -> float:
-    """Matmul FLOPs per token of one stack's forward: weights, plus attention's QK and PV."""
+    """Matmul FLOPs per token of one stack's forward: weights, plus attention's scores and
+    weighted sums (QK and PV for softmax attention, the state for linear attention)."""
+    from stackwise_jax.attention import score_flops_per_token
+
     m = cfg.model
     stack_params = sum(x.size for x in jax.tree.leaves(resident.abstract_stack(cfg)))
-    return 2 * stack_params + 4 * cfg.data.seq_len * m.d_model * m.architecture.blocks_per_stack
+    return 2 * stack_params + (score_flops_per_token(m, cfg.data.seq_len)
+                               * m.architecture.blocks_per_stack)
 
 
 def flops_per_token(cfg, phase: phases_lib.Phase, stack_fwd: float | None = None) -> float:
@@ -447,7 +451,7 @@ def _advice(cfg, row: dict, phase: str) -> list[str]:
     if remat != "full":
         temps.append((remat_key, "full", remat, "recompute each block in backward"))
     chunk = _chunk_for(d.seq_len)
-    if chunk and m.attention_chunk_size == 0:
+    if chunk and m.attention_chunk_size == 0 and m.attention != "linear":  # linear: O(L) already
         temps.append(("model.attention_chunk_size", chunk, 0,
                       "no full attention score matrices"))
     if chunk and t.loss_chunk_size == 0:

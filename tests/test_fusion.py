@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from conftest import small_config
-from stackwise_jax import config, fusion, objective, phases, resident, step, store, train
+from stackwise_jax import attention as attention_lib
+from stackwise_jax import config, fusion, lora, objective, phases, resident, step, store, train
 from stackwise_jax.errors import UserError
 from stackwise_jax.run import load_run, rack_from_params
 
@@ -35,9 +36,12 @@ def fusion_config(corpus_dir, **kw):
                                        "training.fusion.lora_rank": 4, **kw})
 
 
-@pytest.mark.parametrize("base", ["fp32", "nf4"])
-def test_merged_rack_computes_what_fusion_trained(corpus_dir, tmp_path, base):
-    cfg = fusion_config(corpus_dir, **{"training.fusion.base_precision": base})
+# nf4 with GQA: test_fusion_trains_only_adapters_and_changes_every_stack (nf4 by default)
+@pytest.mark.parametrize("base,attention", [("fp32", "gqa"), ("nf4", "mla")])
+def test_merged_rack_computes_what_fusion_trained(corpus_dir, tmp_path, base, attention):
+    cfg = fusion_config(corpus_dir, **{"training.fusion.base_precision": base,
+                                       "model.attention": attention, "model.mla.q_lora_rank": 8,
+                                       "training.fusion.lora_targets": lora.PROJECTIONS})
     wd = str(tmp_path)
     n = cfg.model.architecture.n_stacks
     for k in range(n):
@@ -48,7 +52,7 @@ def test_merged_rack_computes_what_fusion_trained(corpus_dir, tmp_path, base):
     phase = phases.fusion(cfg)
     frozen = resident.frozen_state(cfg, wd, phase)
     adapters = resident.trainable_at_start(cfg, wd, phase, frozen["trunk"])["adapters"]
-    assert set(adapters["attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert set(adapters["attn"]) == set(attention_lib.projections(cfg.model))
     # Trained adapters: B is no longer zero.
     adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
                             adapters)

@@ -125,7 +125,9 @@ def test_resume_after_crash_uses_last_periodic_checkpoint(corpus_dir, tmp_path):
 
 
 def test_load_run_returns_a_rack_that_runs_in_both_modes(corpus_dir, tmp_path):
-    cfg = small_config(corpus_dir)
+    # With MLA (model.attention='mla'): the trainer's progressive stages and load_run with
+    # latent attention; GQA runs are loaded by many other tests (test_export, test_fusion).
+    cfg = small_config(corpus_dir, **{"model.attention": "mla"})
     wd = str(tmp_path / "run")
     summary = train.run(cfg, wd, progress=False)
     rack, tokenizer, loaded_cfg = load_run(wd)
