@@ -172,6 +172,12 @@ def _files(step_dir: str) -> list[str]:
 
 
 def first_line(e: BaseException) -> str:
+    """The first line of the innermost exception `e` wraps: TensorStore's own words
+    (which file, which byte range), not Orbax's dump of the array spec around them."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
 
@@ -230,9 +236,17 @@ class Checkpointer:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         needed = _nbytes(trainable) + _nbytes(opt_state) + len(json.dumps([meta, data_state]))
         target = self.step_dir(global_step)
-        with faults.writing(target, needed, f"checkpoint {global_step}"), faults.quiet_orbax():
-            self.manager.save(global_step, args=ocp.args.Composite(**items), force=True)
-            self.manager.wait_until_finished()
+        full = False
+        with faults.quiet_orbax():
+            try:
+                self.manager.save(global_step, args=ocp.args.Composite(**items), force=True)
+                self.manager.wait_until_finished()
+            except Exception as e:
+                if not faults.is_disk_full(e):
+                    raise
+                full = True  # raised below, once Orbax's failed tasks are gone
+        if full:
+            raise faults.disk_full(target, needed, f"checkpoint {global_step}")
         sums = {rel: {"bytes": os.path.getsize(os.path.join(target, rel)),
                       "sha256": _digest(os.path.join(target, rel))} for rel in _files(target)}
         atomic_write_text(os.path.join(target, CHECKSUMS), json.dumps(sums, indent=1))

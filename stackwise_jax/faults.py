@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import os
 import re
@@ -79,14 +80,20 @@ class _DropAll(logging.Filter):
         return False
 
 
+_LOGGERS = ("absl", "asyncio")
+
+
 @contextlib.contextmanager
 def quiet_orbax():
     """Orbax logs each failure of its worker threads with a traceback (through absl's
-    logger) before raising it to the caller; the caller names the failure itself."""
-    logger = logging.getLogger("absl")
+    logger) before raising it to the caller, and its abandoned asyncio tasks log theirs
+    again when collected; the caller names the failure itself, once."""
     drop = _DropAll()
-    logger.addFilter(drop)
+    for name in _LOGGERS:
+        logging.getLogger(name).addFilter(drop)
     try:
         yield
     finally:
-        logger.removeFilter(drop)
+        gc.collect()  # the failed save's tasks report here, while filtered
+        for name in _LOGGERS:
+            logging.getLogger(name).removeFilter(drop)
