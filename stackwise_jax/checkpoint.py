@@ -245,6 +245,7 @@ class Checkpointer:
                 if not faults.is_disk_full(e):
                     raise
                 full = True  # raised below, once Orbax's failed tasks are gone
+                self.manager.close()  # stops its helper threads while their errors are quiet
         if full:
             raise faults.disk_full(target, needed, f"checkpoint {global_step}")
         sums = {rel: {"bytes": os.path.getsize(os.path.join(target, rel)),
