@@ -97,3 +97,15 @@ def quiet_orbax():
         gc.collect()  # the failed save's tasks report here, while filtered
         for name in _LOGGERS:
             logging.getLogger(name).removeFilter(drop)
+
+
+class _DropDiskFullTasks(logging.Filter):
+    """A failed save's asyncio tasks may be collected only at interpreter exit, long after
+    the run reported the full disk: asyncio then logs each one's error with a traceback."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or not is_disk_full(exc)
+
+
+logging.getLogger("asyncio").addFilter(_DropDiskFullTasks())
