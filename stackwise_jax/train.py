@@ -401,7 +401,9 @@ class _Loop:
         self.run: OpenPhase | None = None
 
     def save(self, run: OpenPhase | None):
-        """A checkpoint of the current position; mid-phase it holds `run`'s trainable state."""
+        """A checkpoint of the current position; mid-phase it holds `run`'s trainable state:
+        the arrays the last step returned (its inputs were donated, so nothing older is
+        alive), written synchronously before the next step may donate these in turn."""
         meta = self.meta
         if self.ckpt.latest_step() == meta["global_step"]:
             return  # saved at this step already (a stop right after a periodic save)
