@@ -6,7 +6,9 @@ RUN_DIR/
   params/           what finished phases stored, one directory per stack (store.py)
   checkpoints/N/    Orbax, only what the current phase changes: trainable (its trained
                     stacks, top groups or adapters), opt_state (with fp16's loss scale),
-                    data (grain iterator state), meta
+                    data (grain iterator state), meta; and checksums.json, written once
+                    Orbax has committed the step: size and sha256 of every file in it
+  checkpoints.damaged/N/  checkpoints found damaged on resume, set aside (never deleted)
   metrics.jsonl     one line per logged step
   summary.json      written last: its presence means the run finished
 
@@ -18,8 +20,10 @@ parameters at all: what the phase trained is in its stores by then.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 
 import jax
@@ -27,8 +31,12 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from stackwise_jax import config as config_lib
+from stackwise_jax import faults
 from stackwise_jax.errors import UserError
 from stackwise_jax.workdir_lock import LOCK_NAME
+
+CHECKSUMS = "checksums.json"
+_ORBAX_TMP = ".orbax-checkpoint-tmp"  # Orbax writes step N into N.orbax-checkpoint-tmp-*
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -38,10 +46,11 @@ def atomic_write_text(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         os.fchmod(fd, _new_file_mode())  # mkstemp's 0600 would hide the file from the group
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        with faults.writing(path, len(text.encode()), os.path.basename(path)):
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -147,41 +156,172 @@ def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _nbytes(tree) -> int:
+    return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree))
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files(step_dir: str) -> list[str]:
+    """Paths under step_dir, relative to it, the checksum file aside."""
+    out = []
+    for dirpath, _, names in os.walk(step_dir):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), step_dir)
+            if rel != CHECKSUMS:
+                out.append(rel)
+    return sorted(out)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of the innermost exception `e` wraps: TensorStore's own words
+    (which file, which byte range), not Orbax's dump of the array spec around them."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+class Damage(UserError):
+    """A checkpoint that cannot be used: step, item and path, and why."""
+
+    def __init__(self, step: int, item: str, path: str, why: str):
+        self.step, self.item, self.path, self.why = step, item, path, why
+        super().__init__(f"checkpoint {step}: {item} at {path} is {why}")
+
+
 class Checkpointer:
     def __init__(self, workdir: str, max_to_keep: int, create: bool = True):
-        """create=False for readers: a run without checkpoints/ is left as it is."""
+        """create=False for readers: a run without checkpoints/ is left as it is (and so
+        are Orbax's leftovers, which only a writer cleans up)."""
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        if create:
+            self.remove_unfinished()
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, "checkpoints")),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create))
+            self.directory,
+            # Synchronous: the save has finished writing when it returns, so nothing reads
+            # the state while the next (donating) step runs, and its errors reach us here.
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                                 enable_async_checkpointing=False))
+
+    def remove_unfinished(self) -> list[str]:
+        """Deletes what an interrupted or failed save left (Orbax's temporary step
+        directories): never complete, never read. Returns their names."""
+        if not os.path.isdir(self.directory):
+            return []
+        stale = sorted(n for n in os.listdir(self.directory) if _ORBAX_TMP in n)
+        for name in stale:
+            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        return stale
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
     def save(self, global_step: int, meta: dict, data_state: dict, trainable=None,
              opt_state=None):
-        """trainable and opt_state: the current phase's, mid-phase; None at a phase boundary."""
+        """trainable and opt_state: the current phase's, mid-phase; None at a phase boundary.
+
+        The checkpoint counts once its checksums are on disk; a save that fails for lack of
+        space raises faults.DiskFull and leaves the earlier checkpoints as they were."""
         items = dict(meta=ocp.args.JsonSave(meta), data=ocp.args.JsonSave(data_state))
         if trainable is not None:
             items["trainable"] = ocp.args.StandardSave(trainable)
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
-        self.manager.save(global_step, args=ocp.args.Composite(**items), force=True)
-        self.manager.wait_until_finished()  # a checkpoint counts only once complete
+        needed = _nbytes(trainable) + _nbytes(opt_state) + len(json.dumps([meta, data_state]))
+        target = self.step_dir(global_step)
+        full = False
+        with faults.quiet_orbax():
+            try:
+                self.manager.save(global_step, args=ocp.args.Composite(**items), force=True)
+                self.manager.wait_until_finished()
+            except Exception as e:
+                if not faults.is_disk_full(e):
+                    raise
+                full = True  # raised below, once Orbax's failed tasks are gone
+                self.manager.close()  # stops its helper threads while their errors are quiet
+        if full:
+            raise faults.disk_full(target, needed, f"checkpoint {global_step}")
+        sums = {rel: {"bytes": os.path.getsize(os.path.join(target, rel)),
+                      "sha256": _digest(os.path.join(target, rel))} for rel in _files(target)}
+        atomic_write_text(os.path.join(target, CHECKSUMS), json.dumps(sums, indent=1))
+
+    def check(self, step: int) -> None:
+        """Raises Damage naming the first file of checkpoint `step` that is missing,
+        truncated or altered since it was saved. A checkpoint saved before checksums
+        existed (or whose save stopped right before them) is left to `restore`'s checks."""
+        target = self.step_dir(step)
+        path = os.path.join(target, CHECKSUMS)
+        if not os.path.exists(path):
+            return
+        try:
+            with open(path) as f:
+                sums = json.load(f)
+            assert isinstance(sums, dict) and sums
+        except (OSError, ValueError, AssertionError):
+            raise Damage(step, "checksums", path, "unreadable (not the JSON it was saved as)")
+        for rel, want in sorted(sums.items()):
+            file = os.path.join(target, rel)
+            item = rel.split(os.sep)[0]
+            if not os.path.isfile(file):
+                raise Damage(step, item, file, "missing")
+            size = os.path.getsize(file)
+            if size != want["bytes"]:
+                raise Damage(step, item, file, f"truncated or altered ({size} bytes, saved "
+                             f"with {want['bytes']})")
+            if _digest(file) != want["sha256"]:
+                raise Damage(step, item, file, "corrupted (checksum mismatch)")
+
+    def set_aside(self, steps: list[int]) -> str:
+        """Moves damaged checkpoints out of Orbax's directory (a later save of the same
+        step must not find them, nor a resume) into checkpoints.damaged/; deletes nothing."""
+        aside = self.directory + ".damaged"
+        for step in steps:
+            os.makedirs(aside, exist_ok=True)
+            dest, n = os.path.join(aside, str(step)), 1
+            while os.path.exists(dest):
+                dest, n = os.path.join(aside, f"{step}.{n}"), n + 1
+            os.rename(self.step_dir(step), dest)
+        if steps:
+            self.manager.reload()
+        return aside
 
     def meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        with faults.quiet_orbax():
+            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+            return self.manager.restore(step, args=args).meta
 
     def restore(self, step: int, trainable_like=None, opt_state_like=None):
-        """Returns (data_state, trainable or None, opt_state or None) saved at `step`."""
-        items = dict(data=ocp.args.JsonRestore())
+        """Returns (data_state, trainable or None, opt_state or None) saved at `step`.
+        One item at a time, so an unreadable one is named: Damage(step, item, path)."""
+        wanted = dict(data=ocp.args.JsonRestore())
         if trainable_like is not None:
-            items["trainable"] = ocp.args.StandardRestore(_abstract(trainable_like))
+            wanted["trainable"] = ocp.args.StandardRestore(_abstract(trainable_like))
         if opt_state_like is not None:
-            items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        trainable = restored.trainable if trainable_like is not None else None
-        opt = restored.opt_state if opt_state_like is not None else None
-        return restored.data, trainable, opt
+            wanted["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
+        out = {}
+        for item, args in wanted.items():
+            path = os.path.join(self.step_dir(step), item)
+            if not os.path.isdir(path):
+                raise Damage(step, item, path, "missing")
+            try:
+                with faults.quiet_orbax():
+                    out[item] = getattr(self.manager.restore(
+                        step, args=ocp.args.Composite(**{item: args})), item)
+            except Exception as e:  # noqa: BLE001 - whatever Orbax raises, the item is bad
+                raise Damage(step, item, path, f"unreadable ({first_line(e)})") from None
+        return out["data"], out.get("trainable"), out.get("opt_state")
 
     def close(self):
         self.manager.close()

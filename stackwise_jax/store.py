@@ -34,6 +34,7 @@ import shutil
 import ml_dtypes
 import numpy as np
 
+from stackwise_jax import faults
 from stackwise_jax.checkpoint import atomic_write_text, disk_usage, fsync_dir
 from stackwise_jax.errors import UserError
 
@@ -104,10 +105,27 @@ def write(run_dir: str, group: str, version: int, tree: dict, dtype: str = "fp32
         raise ValueError(f"store dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     target = _dir(run_dir, group, version)
     partial = target + ".partial"
+    flat = flatten(tree)
+    itemsize = 2 if dtype == "bf16" else 4
+    needed = sum(int(np.prod(np.shape(v))) * itemsize + 128 for v in flat.values())  # + headers
+    with faults.writing(partial, needed, f"the stored parameters of {describe(group)}"):
+        leaves = _write_leaves(partial, flat, dtype)
+    manifest = {"format": FORMAT, "group": group, "version": version, "dtype": dtype,
+                "leaves": leaves}
+    atomic_write_text(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1))
+    fsync_dir(partial)
+    if os.path.isdir(target):
+        shutil.rmtree(target)
+    os.rename(partial, target)
+    fsync_dir(os.path.dirname(target))
+    return target
+
+
+def _write_leaves(partial: str, flat: dict, dtype: str) -> dict:
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     leaves = {}
-    for name, value in flatten(tree).items():
+    for name, value in flat.items():
         array = np.asarray(value)
         if dtype == "bf16":
             array = array.astype(ml_dtypes.bfloat16).view(np.uint16)
@@ -123,15 +141,7 @@ def write(run_dir: str, group: str, version: int, tree: dict, dtype: str = "fp32
         leaves[name] = {"shape": list(array.shape), "bytes": os.path.getsize(path),
                         "sha256": digest}
         del array
-    manifest = {"format": FORMAT, "group": group, "version": version, "dtype": dtype,
-                "leaves": leaves}
-    atomic_write_text(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1))
-    fsync_dir(partial)
-    if os.path.isdir(target):
-        shutil.rmtree(target)
-    os.rename(partial, target)
-    fsync_dir(os.path.dirname(target))
-    return target
+    return leaves
 
 
 class _HashingWriter:
@@ -239,6 +249,41 @@ def require(run_dir: str, group: str, max_version: int, why: str) -> Store:
                         f"(no complete {os.path.join(root(run_dir), group, 'v*')} written by "
                         f"phase {max_version - 1} or earlier); {why} needs them. {_NO_WAY_ON}")
     return open_store(run_dir, group, version)
+
+
+def damaged(run_dir: str, max_version: int) -> list[str]:
+    """Every store a run resuming at phase `max_version` reads (per group, the newest
+    version <= max_version) whose manifest is unreadable or whose files are missing or
+    of the wrong size, one line each. Cheap (no file is read but the manifests); the
+    checksums are checked as each array is read."""
+    problems = []
+    base = root(run_dir)
+    for group in sorted(os.listdir(base)) if os.path.isdir(base) else ():
+        version = newest(run_dir, group, max_version)
+        if version is None:
+            continue
+        try:
+            s = open_store(run_dir, group, version)
+        except UserError:
+            problems.append(f"{describe(group)}: {os.path.join(_dir(run_dir, group, version), MANIFEST)}"
+                            " is missing or unreadable")
+            continue
+        for name, meta in sorted(s.leaves.items()):
+            file = os.path.join(s.path, name + ".npy")
+            size = os.path.getsize(file) if os.path.isfile(file) else None
+            if size != meta["bytes"]:
+                why = "missing" if size is None else f"{size} bytes, expected {meta['bytes']}"
+                problems.append(f"{describe(group)}: {file} is {why}")
+    return problems
+
+
+def require_intact(run_dir: str, max_version: int) -> None:
+    """Raises one UserError naming every damaged store a resume at `max_version` needs;
+    deletes nothing."""
+    problems = damaged(run_dir, max_version)
+    if problems:
+        raise UserError(f"{run_dir}: {len(problems)} stored parameter file(s) are damaged: "
+                        f"{'; '.join(problems)}. Nothing was changed or deleted. {_NO_WAY_ON}")
 
 
 def collect_garbage(run_dir: str, current_phase: int) -> int:

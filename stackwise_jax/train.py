@@ -9,6 +9,7 @@ same command resumes from the latest checkpoint at the same phase, step and data
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from stackwise_jax import cache, checkpoint, data, evaluate, memory, optim, phases
+from stackwise_jax import cache, checkpoint, data, evaluate, faults, memory, optim, phases
 from stackwise_jax import config as config_lib
 from stackwise_jax import plan as plan_lib
 from stackwise_jax import resident, step as step_lib, store, workdir_lock
@@ -200,30 +201,48 @@ def step_signature(phase: Phase) -> tuple:
         (k, tuple(sorted(v)) if isinstance(v, frozenset) else v) for k, v in sorted(fields.items()))
 
 
+class Interrupted(KeyboardInterrupt):
+    """The run stopped for a signal (Ctrl-C's SIGINT, or SIGTERM from a scheduler, Colab or
+    a spot instance being reclaimed); `signum` says which. The CLI exits 128 + signum."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class _Interrupt:
-    """Ctrl-C asks the loop to stop after the current step and save; a second one stops at once."""
+    """SIGINT or SIGTERM asks the loop to stop after the current step and save a checkpoint;
+    a second one abandons the step at once (the last checkpoint stays as it was)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self.previous = None
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread (some notebook runners): no guard
-            self.previous = None
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (some notebook runners): no guard
+                pass
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt received: saving a checkpoint after the current step (Ctrl-C again "
+            raise Interrupted(signum)
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name} received: saving a checkpoint after the current step (send it again "
               "to stop at once, without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
         return False
 
 
@@ -273,15 +292,16 @@ def _run_locked(cfg, workdir: str, max_steps, progress: bool, rebuild_cache: boo
     checkpoint.claim_workdir(workdir, cfg)  # inputs known good: the run starts here
     data.save_run_tokenizer(prepared.tokenizer, workdir)
 
-    ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)
+    ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)  # drops Orbax's leftovers
     meta, data_state, restored = _resume(ckpt, trainer, all_phases, workdir)
+    store.require_intact(workdir, meta["stage"])  # what the resumed phase reads, all named
     metrics = MetricsLog(workdir, meta["global_step"])
     if data_state.get("tokens"):
         trainer.token_batches.set_state(data_state["tokens"])
 
     loop = _Loop(cfg, trainer, ckpt, metrics, meta, max_steps, progress)
     try:
-        with _Interrupt() as interrupt:
+        with _Interrupt() as interrupt, _disk_full_named():
             loop.interrupt = interrupt
             while meta["stage"] < len(all_phases):
                 phase = all_phases[meta["stage"]]
@@ -314,17 +334,74 @@ def _run_locked(cfg, workdir: str, max_steps, progress: bool, rebuild_cache: boo
 
 
 def _resume(ckpt, trainer: Trainer, all_phases, workdir: str):
-    """(meta, data_state, (trainable, opt_state) or None) of the latest checkpoint."""
-    latest = ckpt.latest_step()
-    if latest is None:
-        return _fresh_meta(), {}, None
-    meta = ckpt.meta(latest)
-    meta.setdefault("stage_nonfinite", 0)
-    mid = meta["step"] > 0 and not meta["done"]
-    like = trainer.abstract_state(all_phases[meta["stage"]]) if mid else (None, None)
-    data_state, trainable, opt_state = ckpt.restore(latest, *like)
-    where = all_phases[meta["stage"]].name if not meta["done"] else "the end"
-    print(f"resuming {workdir} at {where}, step {meta['step']} (checkpoint {latest})")
+    """(meta, data_state, (trainable, opt_state) or None) of the newest intact checkpoint.
+
+    Each checkpoint, newest first, is checked against its checksums and then restored; a
+    damaged one is named, set aside and the next older one tried. With checkpoints but
+    none intact the run stops, having changed nothing."""
+    damaged: list[checkpoint.Damage] = []
+    for step in reversed(ckpt.all_steps()):
+        try:
+            found = _restore(ckpt, trainer, all_phases, step)
+        except checkpoint.Damage as e:
+            damaged.append(e)
+            continue
+        where = checkpoint_label(all_phases, found[0])
+        if damaged:
+            aside = ckpt.set_aside([d.step for d in damaged])
+            print(f"{_describe_damage(damaged)}; set aside in {aside}. Resuming from the newest "
+                  f"intact checkpoint, {step}, at {where}", file=sys.stderr)
+        else:
+            print(f"resuming {workdir} at {where} (checkpoint {step})")
+        return found
+    if damaged:
+        raise UserError(
+            f"{workdir}: no intact checkpoint to resume from. {_describe_damage(damaged)}. "
+            "Nothing was changed or deleted. Restore the checkpoints from a backup, or start "
+            "the run again in a new --workdir")
+    return _fresh_meta(), {}, None
+
+
+@contextlib.contextmanager
+def _disk_full_named():
+    """A write that failed for lack of space where no caller named it (metrics, the
+    activation cache, the stores): one message with the file and, where known, the size."""
+    try:
+        yield
+    except faults.DiskFull:
+        raise
+    except Exception as e:
+        if not faults.is_disk_full(e):
+            raise
+        path = getattr(e, "filename", None) or "the run directory"
+        raise faults.disk_full(path, None, "a file of the run") from None
+
+
+def checkpoint_label(all_phases, meta: dict) -> str:
+    if meta["done"]:
+        return "the end"
+    return f"{all_phases[meta['stage']].name}, step {meta['step']}"
+
+
+def _describe_damage(damaged) -> str:
+    return "; ".join(f"checkpoint {d.step} is damaged ({d.item}: {d.path} is {d.why})"
+                     for d in damaged)
+
+
+def _restore(ckpt, trainer: Trainer, all_phases, step: int):
+    """Checkpoint `step` as _resume returns it, or Damage naming what is wrong with it."""
+    ckpt.check(step)  # the checksums: names the file
+    directory = ckpt.step_dir(step)
+    try:
+        meta = ckpt.meta(step)
+        meta.setdefault("stage_nonfinite", 0)
+        mid = meta["step"] > 0 and not meta["done"]
+        phase = all_phases[meta["stage"]] if not meta["done"] else None
+    except Exception as e:  # noqa: BLE001 - whatever Orbax or the JSON says, the item is bad
+        raise checkpoint.Damage(step, "meta", os.path.join(directory, "meta"),
+                                f"unreadable ({checkpoint.first_line(e)})") from None
+    like = trainer.abstract_state(phase) if mid else (None, None)
+    data_state, trainable, opt_state = ckpt.restore(step, *like)  # Damage names the item
     return meta, data_state, (trainable, opt_state) if mid else None
 
 
@@ -339,7 +416,9 @@ class _Loop:
         self.run: OpenPhase | None = None
 
     def save(self, run: OpenPhase | None):
-        """A checkpoint of the current position; mid-phase it holds `run`'s trainable state."""
+        """A checkpoint of the current position; mid-phase it holds `run`'s trainable state:
+        the arrays the last step returned (its inputs were donated, so nothing older is
+        alive), written synchronously before the next step may donate these in turn."""
         meta = self.meta
         if self.ckpt.latest_step() == meta["global_step"]:
             return  # saved at this step already (a stop right after a periodic save)
@@ -417,7 +496,7 @@ class _Loop:
 
     def raise_if_interrupted(self):
         if self.interrupt is not None and self.interrupt.requested:
-            raise KeyboardInterrupt
+            raise Interrupted(self.interrupt.signum)
 
     def _stop_nonfinite(self, phase: Phase, streak: int):
         latest = self.ckpt.latest_step()
@@ -496,6 +575,7 @@ def dry_run(cfg) -> None:
 def _main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    signal.signal(signal.SIGTERM, _terminate)  # until the loop's own guard takes over
     try:
         if not FLAGS.config:
             raise UserError("--config is required, e.g. --config=configs/tiny.py")
@@ -513,9 +593,17 @@ def _main(argv):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C before the loop's guard, or Interrupted
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"interrupted ({signal.Signals(signum).name}); rerun the same command to resume "
+              "from the last checkpoint", file=sys.stderr)
+        sys.exit(128 + signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+def _terminate(signum, frame):
+    """SIGTERM outside the training loop (loading, compiling, the final evaluation):
+    nothing unsaved to lose; stop with a message instead of dying silently."""
+    raise Interrupted(signum)
 
 
 def launch(main_fn, overrides: dict) -> None:
