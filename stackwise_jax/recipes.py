@@ -70,6 +70,8 @@ RECIPES = {
                             "training.progressive.trunk_strategy": "trainable",
                             "training.fusion.steps": "0"},
     "copy": lambda cfg: {**_progressive(), "training.progressive.new_stack_init": "copy"},
+    "copy_decreasing": lambda cfg: {**_progressive(), "training.progressive.new_stack_init": "copy",
+                                    "training.progressive.step_split": "decreasing"},
     "block": lambda cfg: _with_block_fusion(cfg, 0.5, 1),
     "block3": lambda cfg: _with_block_fusion(cfg, 0.75, 3),
     "lora": lambda cfg: _with_lora_fusion(cfg, 0.25),
