@@ -16,6 +16,7 @@ from export import hf as export_hf
 from export import mapping
 from stackwise_jax import config, data
 from stackwise_jax import generate as generate_lib
+from stackwise_jax import sample
 from stackwise_jax.run import load_run, rack_from_params
 
 torch = pytest.importorskip("torch")
@@ -85,6 +86,12 @@ def test_mla_random_weights_parity(tmp_path, bpe, q_lora_rank, tied, stacks, mon
         prompt = bpe.encode("The king finds")
         ours = generate_lib.generate(rack, prompt, N_NEW)[len(prompt):].tolist()
         assert ours == hf_greedy(load_hf(out), prompt, N_NEW)
+        # the sample CLI's path (load_run, then generate) on the MLA run prints the same
+        monkeypatch.undo()  # the export is done: load_run may read the whole tree
+        cut = ours[:ours.index(bpe.eos_id)] if bpe.eos_id in ours else ours
+        traces = generate_lib.TRACES["generate"]
+        assert sample.sample_text(run, "The king finds", "ar", N_NEW) == bpe.decode(cut)
+        assert generate_lib.TRACES["generate"] == traces  # and runs the compiled program
 
 
 def save_deepseek(directory, cfg, rope_interleave, seed=0):
