@@ -1,6 +1,7 @@
 """Generation speed on this machine, and KV-cache bytes per token from the configs.
 
     python scripts/bench_generate.py [--workdir=RUN] [--out=docs/generation_benchmark.json]
+    python scripts/bench_generate.py --cache_only   # the cache table alone, speed rows kept
 
 The model: the run in --workdir (its latest checkpoint), or configs/tiny.py at its random
 initialisation (speed does not depend on the weights). For each batch size: causal
@@ -31,6 +32,40 @@ from stackwise_jax import generate as generate_lib  # noqa: E402
 from stackwise_jax.diffusion_sample import diffusion_generate  # noqa: E402
 
 CACHE_CONFIGS = ("configs/tiny.py", "configs/llama1b.py", "configs/llama70b.py")
+# configs/llama70b.py's shape with another attention: DeepSeek-V3's MLA sizes, and linear
+DEEPSEEK_V3_MLA = dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                       qk_rope_head_dim=64, v_head_dim=128)
+VARIANTS = {"configs/llama70b.py + MLA 1536/512/128/64/128": ("mla", DEEPSEEK_V3_MLA),
+            "configs/llama70b.py + linear": ("linear", {})}
+
+
+def cache_table() -> tuple[list[dict], list[dict]]:
+    """Bytes per token of each config's cache (generate.cache_bytes_per_token), and the
+    fixed state of linear attention (generate.linear_state_bytes, one sequence)."""
+    models = {path: config.load(os.path.join(ROOT, path)).model for path in CACHE_CONFIGS}
+    for name, (kind, keys) in VARIANTS.items():
+        m = config.load(os.path.join(ROOT, "configs/llama70b.py")).model
+        with m.unlocked():
+            m.attention = kind
+            m.mla.update(keys)
+        models[name] = m
+    cache, state = [], []
+    for name, cm in models.items():
+        if cm.attention == "linear":
+            state.append({"config": name, "state_bytes_fp32": generate_lib.linear_state_bytes(cm)})
+            continue
+        for dtype, nbytes in (("bf16", 2), ("fp32", 4)):
+            for kind, b in generate_lib.cache_bytes_per_token(cm, nbytes).items():
+                if kind == cm.attention:  # the cache this model keeps
+                    cache.append({"config": name, "cache": kind, "dtype": dtype,
+                                  "bytes_per_token": b})
+    print(f"\n{'config':<48}{'cache':<8}{'dtype':<7}{'bytes/token':>14}{'MiB per 4096':>14}")
+    for c in cache:
+        print(f"{c['config']:<48}{c['cache']:<8}{c['dtype']:<7}{c['bytes_per_token']:>14,}"
+              f"{c['bytes_per_token'] * 4096 / 2**20:>14,.0f}")
+    for c in state:
+        print(f"{c['config']:<48}state, fp32, any length: {c['state_bytes_fp32']:,} bytes")
+    return cache, state
 
 
 def best_time(fn, repeats: int) -> tuple[float, float]:
@@ -69,7 +104,16 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "generation_benchmark.json"))
+    p.add_argument("--cache_only", action="store_true",
+                   help="compute the cache table only; keep --out's speed rows")
     args = p.parse_args(argv)
+    if args.cache_only:
+        report = json.load(open(args.out))
+        report["cache_bytes_per_token"], report["linear_state_bytes"] = cache_table()
+        report["cache_command"] = "python scripts/bench_generate.py --cache_only"
+        checkpoint.atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote the cache table into {args.out}")
+        return 0
 
     if args.workdir:
         from stackwise_jax.run import load_run
@@ -99,23 +143,13 @@ def main(argv=None) -> int:
             print(f"{name:<30} B={B:<3} first call {first:7.2f} s   best {best:8.4f} s   "
                   f"{B * n / best:9.1f} tokens/s", flush=True)
 
-    cache = []
-    for path in CACHE_CONFIGS:
-        cm = config.load(os.path.join(ROOT, path)).model
-        for dtype, nbytes in (("bf16", 2), ("fp32", 4)):
-            per_token = generate_lib.cache_bytes_per_token(cm, nbytes)
-            for kind, b in per_token.items():
-                cache.append({"config": path, "cache": kind, "dtype": dtype,
-                              "bytes_per_token": b})
-    print(f"\n{'config':<22}{'cache':<8}{'dtype':<7}{'bytes/token':>14}{'MiB per 4096':>14}")
-    for c in cache:
-        print(f"{c['config']:<22}{c['cache']:<8}{c['dtype']:<7}{c['bytes_per_token']:>14,}"
-              f"{c['bytes_per_token'] * 4096 / 2**20:>14,.0f}")
+    cache, state = cache_table()
 
     report = {"command": "python scripts/bench_generate.py " + " ".join(argv or sys.argv[1:]),
               "model": source, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "jax": jax.__version__, "backend": jax.default_backend(),
-              "speed": rows, "cache_bytes_per_token": cache}
+              "speed": rows, "cache_bytes_per_token": cache,
+              "linear_state_bytes": state}
     checkpoint.atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")
     return 0

@@ -3,14 +3,20 @@
 One jitted program per (batch, prompt + new tokens) does everything: a causal prefill of
 the whole id buffer (positions past the prompt hold placeholders that the causal mask hides
 from every prompt position, and that are overwritten before anything reads them), then one
-token per step, each step writing its keys and values into a preallocated cache at its
+token per step, each step writing what its attention keeps into a preallocated cache at its
 position. The prompt length is a traced value, so prompts of different lengths with the
 same total share the compiled program.
 
-Cache per layer (GQA): k and v, each (B, max_len, n_kv_heads, head_dim), held per stack
-with the stack's blocks on a leading axis, in the activations' dtype. The attention maths
-is model.attend: the cache is the key/value sequence, the step's position the query
-offset, so the causal mask also hides the slots not written yet.
+What each attention caches per layer (held per stack, the stack's blocks on a leading axis):
+  gqa     k and v, each (B, max_len, n_kv_heads, head_dim), in the activations' dtype.
+  mla     the compressed latent only: the normed c_KV (B, max_len, kv_lora_rank) and the
+          RoPE key shared by the heads (B, max_len, qk_rope_head_dim), rotated at its
+          position, in the activations' dtype; never per-head keys and values.
+  linear  no per-token cache: a recurrent state per KV head, S = sum R phi(k) v^T
+          (B, n_kv_heads, head_dim, head_dim) and z = sum phi(k) (B, n_kv_heads, head_dim),
+          in float32 (sums over the whole sequence): O(1) work and memory per token.
+The softmax attentions run model.attend over their cache with the step's position as the
+query offset, so the causal mask also hides the slots not written yet.
 """
 
 from __future__ import annotations
@@ -25,66 +31,155 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stackwise_jax import model
+from stackwise_jax import attention, model
 from stackwise_jax.errors import UserError
 
 TRACES = {"generate": 0}  # how many times the program was traced (tests: once per shape)
 
 
+def _n_layers(m) -> int:
+    return m.architecture.n_stacks * m.architecture.blocks_per_stack
+
+
 def cache_bytes_per_token(m, dtype_bytes: int = 2) -> dict[str, int]:
-    """Bytes one token adds to the KV cache of the model `m` (a model config), per kind of
-    cache that the model's attention keeps. GQA: k and v of every KV head in every layer."""
-    n_layers = m.architecture.n_stacks * m.architecture.blocks_per_stack
+    """Bytes one token adds to the generation cache of the model `m` (a model config).
+    gqa: k and v of every KV head in every layer (what these dimensions cost with GQA);
+    mla (MLA models only): the latent and the shared RoPE key of every layer. Linear
+    attention adds nothing per token: see linear_state_bytes."""
     head_dim = m.d_model // m.n_heads
-    return {"gqa": 2 * n_layers * m.n_kv_heads * head_dim * dtype_bytes}
+    out = {"gqa": 2 * _n_layers(m) * m.n_kv_heads * head_dim * dtype_bytes}
+    if m.attention == "mla":
+        out["mla"] = _n_layers(m) * attention.cache_numbers_per_token(m) * dtype_bytes
+    return out
 
 
-def _gqa_step(block, x_BxTxD, cos_TxE, sin_TxE, k_BxSxKxE, v_BxSxKxE, pos):
-    """One block on T new tokens at positions pos..pos+T-1: the projections of
-    model.Attention, their keys and values written into the cache, attention over it."""
-    attn = block.attn
-    B, T, _ = x_BxTxD.shape
+def linear_state_bytes(m, batch: int = 1) -> int:
+    """Bytes of linear attention's recurrent state, the same at every length: per layer
+    and KV head, S (head_dim x head_dim) and z (head_dim), float32."""
+    head_dim = m.d_model // m.n_heads
+    return _n_layers(m) * batch * m.n_kv_heads * (head_dim * head_dim + head_dim) * 4
+
+
+def _write(cache_BxSx_, new_BxTx_, pos):
+    """The T new entries written into the cache at positions pos..pos+T-1."""
+    start = (0, pos) + (0,) * (cache_BxSx_.ndim - 2)
+    return jax.lax.dynamic_update_slice(cache_BxSx_, new_BxTx_.astype(cache_BxSx_.dtype), start)
+
+
+def _gqa_step(attn, h_BxTxD, cos_TxE, sin_TxE, cache, pos, n_keep):
+    """model.Attention on T new tokens at positions pos..: their keys and values written
+    into the cache, attention over it."""
+    B, T, _ = h_BxTxD.shape
     H, K, E = attn.n_heads, attn.n_kv_heads, attn.head_dim
-    h_BxTxD = block.input_norm(x_BxTxD)
     q_BxTxHxE = model.apply_rope(attn.q_proj(h_BxTxD).reshape(B, T, H, E), cos_TxE, sin_TxE)
     k_BxTxKxE = model.apply_rope(attn.k_proj(h_BxTxD).reshape(B, T, K, E), cos_TxE, sin_TxE)
     v_BxTxKxE = attn.v_proj(h_BxTxD).reshape(B, T, K, E)
-    k_BxSxKxE = jax.lax.dynamic_update_slice(k_BxSxKxE, k_BxTxKxE.astype(k_BxSxKxE.dtype),
-                                             (0, pos, 0, 0))
-    v_BxSxKxE = jax.lax.dynamic_update_slice(v_BxSxKxE, v_BxTxKxE.astype(v_BxSxKxE.dtype),
-                                             (0, pos, 0, 0))
+    k_BxSxKxE, v_BxSxKxE = _write(cache["k"], k_BxTxKxE, pos), _write(cache["v"], v_BxTxKxE, pos)
     out_BxTxKxGxE = model.attend(q_BxTxHxE.reshape(B, T, K, H // K, E), k_BxSxKxE, v_BxSxKxE,
                                  attn.chunk_size, True, pos)
-    x_BxTxD = x_BxTxD + attn.o_proj(out_BxTxKxGxE.reshape(B, T, H * E))
-    return x_BxTxD + block.mlp(block.post_attention_norm(x_BxTxD)), k_BxSxKxE, v_BxSxKxE
+    return attn.o_proj(out_BxTxKxGxE.reshape(B, T, H * E)), {"k": k_BxSxKxE, "v": v_BxSxKxE}
+
+
+def _mla_step(attn, h_BxTxD, cos_TxR, sin_TxR, cache, pos, n_keep):
+    """attention.MLAttention on T new tokens, reading only the latent cache, kv_b_proj
+    absorbed (DeepSeek-V2, section 2.1.3): rather than expanding every cached latent into
+    per-head keys and values at every step, each head's no-RoPE query is mapped into the
+    latent space (q_nope W_kb^T) and its output out of it (W_vb). The scores become
+    [q_nope W_kb^T | RoPE(q_rope)] . [c | k_rope], one key shared by all heads: multi-query
+    attention with a (kv_lora_rank + qk_rope_head_dim)-wide key and the latent as value,
+    which model.attend computes."""
+    B, T, _ = h_BxTxD.shape
+    H, C, N, R, V = attn.n_heads, attn.kv_lora_rank, attn.nope, attn.rope, attn.v_dim
+    q_BxTxHxQ = attn.query(h_BxTxD).reshape(B, T, H, N + R)
+    q_rope_BxTxHxR = model.apply_rope(q_BxTxHxQ[..., N:], cos_TxR, sin_TxR)
+    c_BxTxC, k_rope_BxTxR = attn.latent(h_BxTxD, cos_TxR, sin_TxR)
+    c_BxSxC = _write(cache["latent"], c_BxTxC, pos)
+    k_rope_BxSxR = _write(cache["k_rope"], k_rope_BxTxR, pos)
+    kv_b_CxHxNV = attn.kv_b_proj.kernel[...].reshape(C, H, N + V)
+    q_latent_BxTxHxC = jnp.einsum("bthn,chn->bthc", q_BxTxHxQ[..., :N], kv_b_CxHxNV[..., :N])
+    # model.attend divides the scores by sqrt(C + R), the absorbed query's width; MLA's
+    # scale is 1/sqrt(N + R), the expanded query's
+    rescale = np.float32(np.sqrt((C + R) / (N + R)))
+    q_BxTx1xHxW = (jnp.concatenate([q_latent_BxTxHxC, q_rope_BxTxHxR], axis=-1)
+                   * jnp.asarray(rescale, h_BxTxD.dtype))[:, :, None]
+    k_BxSx1xW = jnp.concatenate([c_BxSxC, k_rope_BxSxR], axis=-1)[:, :, None]
+    out_BxTx1xHxC = model.attend(q_BxTx1xHxW, k_BxSx1xW, c_BxSxC[:, :, None], attn.chunk_size,
+                                 True, pos)
+    out_BxTxHxV = jnp.einsum("bthc,chv->bthv", out_BxTx1xHxC[:, :, 0], kv_b_CxHxNV[..., N:])
+    return (attn.o_proj(out_BxTxHxV.reshape(B, T, H * V)),
+            {"latent": c_BxSxC, "k_rope": k_rope_BxSxR})
+
+
+def _linear_step(attn, h_BxTxD, cos_TxE, sin_TxE, cache, pos, n_keep):
+    """attention.LinearAttention on T new tokens with its recurrent state: the first
+    n_keep of them (the prompt in a prefill, whose later positions are placeholders) are
+    added to S and z. One token (T = 1): out = R phi(q) S / (phi(q) . z), S and z including
+    the token itself (causal: j <= i). A prefill (T > 1, from position 0) runs the chunked
+    causal form of training on the new tokens, then sums the state."""
+    B, T, _ = h_BxTxD.shape
+    H, K, E = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    fk_BxTxKxE = attention.feature_map(attn.k_proj(h_BxTxD).reshape(B, T, K, E), attn.feature_map)
+    rk_BxTxKxE = model.apply_rope(fk_BxTxKxE, cos_TxE, sin_TxE)
+    v_BxTxKxE = attn.v_proj(h_BxTxD).reshape(B, T, K, E).astype(jnp.float32)
+    keep_T = (jnp.arange(T) < n_keep).astype(jnp.float32)[None, :, None, None]
+    kv_BxKxExE = cache["kv_state"] + jnp.einsum("btke,btkf->bkef", rk_BxTxKxE * keep_T, v_BxTxKxE)
+    k_sum_BxKxE = cache["k_sum"] + (fk_BxTxKxE * keep_T).sum(axis=1)
+    new_cache = {"kv_state": kv_BxKxExE, "k_sum": k_sum_BxKxE}
+    if T > 1:
+        if not isinstance(pos, int) or pos != 0:
+            raise ValueError("linear attention prefills from position 0 only")
+        return attn(h_BxTxD, cos_TxE, sin_TxE, True), new_cache
+    fq_BxTxKxGxE = attention.feature_map(attn.q_proj(h_BxTxD).reshape(B, T, K, H // K, E),
+                                         attn.feature_map)
+    rq_BxTxKxGxE = model.apply_rope(fq_BxTxKxGxE.reshape(B, T, H, E), cos_TxE, sin_TxE)
+    rq_BxTxKxGxE = rq_BxTxKxGxE.reshape(B, T, K, H // K, E)  # query head h reads KV head h // G
+    num_BxTxKxGxE = jnp.einsum("btkge,bkef->btkgf", rq_BxTxKxGxE, kv_BxKxExE)
+    den_BxTxKxG = jnp.einsum("btkge,bke->btkg", fq_BxTxKxGxE, k_sum_BxKxE)
+    out_BxTxKxGxE = num_BxTxKxGxE / (den_BxTxKxG[..., None] + attention.LINEAR_EPS)
+    return attn.o_proj(out_BxTxKxGxE.reshape(B, T, H * E).astype(h_BxTxD.dtype)), new_cache
+
+
+_STEPS = {model.Attention: _gqa_step, attention.MLAttention: _mla_step,
+          attention.LinearAttention: _linear_step}
 
 
 def empty_cache(rack, batch: int, max_len: int, dtype=jnp.float32) -> list[dict]:
-    """Per stack: {"k", "v"} of shape (blocks_per_stack, B, max_len, n_kv_heads, head_dim)."""
+    """Per stack, each array with the stack's blocks on a leading axis: gqa {"k", "v"}
+    (B, max_len, n_kv_heads, head_dim); mla {"latent" (B, max_len, kv_lora_rank), "k_rope"
+    (B, max_len, qk_rope_head_dim)}; linear {"kv_state" (B, n_kv_heads, head_dim, head_dim),
+    "k_sum" (B, n_kv_heads, head_dim)}, float32 whatever `dtype`."""
     m = rack.config
-    if not isinstance(rack.stacks[0].blocks.attn, model.Attention):
-        raise UserError(f"generation with a KV cache supports grouped-query attention only; "
-                        f"this model's attention is {type(rack.stacks[0].blocks.attn).__name__}")
-    shape = (m.architecture.blocks_per_stack, batch, max_len, m.n_kv_heads, m.d_model // m.n_heads)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in rack.stacks]
+    N, E = m.architecture.blocks_per_stack, m.d_model // m.n_heads
+    if m.attention == "mla":
+        shapes = {"latent": (N, batch, max_len, m.mla.kv_lora_rank),
+                  "k_rope": (N, batch, max_len, m.mla.qk_rope_head_dim)}
+    elif m.attention == "linear":
+        shapes = {"kv_state": (N, batch, m.n_kv_heads, E, E), "k_sum": (N, batch, m.n_kv_heads, E)}
+        dtype = jnp.float32
+    else:
+        shapes = {"k": (N, batch, max_len, m.n_kv_heads, E), "v": (N, batch, max_len, m.n_kv_heads, E)}
+    return [{name: jnp.zeros(shape, dtype) for name, shape in shapes.items()} for _ in rack.stacks]
 
 
-def forward_cached(rack, x_BxTxD, cos_TxE, sin_TxE, cache: list[dict], pos):
-    """Hidden states of T new tokens at positions pos.. through every stack, and the
-    cache with their keys and values written in."""
+def forward_cached(rack, x_BxTxD, cos_TxE, sin_TxE, cache: list[dict], pos, n_keep=None):
+    """Hidden states of T new tokens at positions pos.. through every stack, and the cache
+    with them written in. n_keep (linear attention's state): how many of the T enter it."""
+    n_keep = x_BxTxD.shape[1] if n_keep is None else n_keep
     new_cache = []
     for stack, layer_cache in zip(rack.stacks, cache):
         graphdef, blocks_state = nnx.split(stack.blocks)
 
         def one_block(x, xs):
-            block_state, k, v = xs
+            block_state, block_cache = xs
             block = nnx.merge(graphdef, model._dense_block(block_state, x.dtype))
-            x, k, v = _gqa_step(block, x, cos_TxE, sin_TxE, k, v, pos)
-            return x, (k, v)
+            attend_step = _STEPS[type(block.attn)]
+            out, block_cache = attend_step(block.attn, block.input_norm(x), cos_TxE, sin_TxE,
+                                           block_cache, pos, n_keep)
+            x = x + out
+            return x + block.mlp(block.post_attention_norm(x)), block_cache
 
-        x_BxTxD, (k, v) = jax.lax.scan(one_block, x_BxTxD,
-                                       (blocks_state, layer_cache["k"], layer_cache["v"]))
-        new_cache.append({"k": k, "v": v})
+        x_BxTxD, layer_cache = jax.lax.scan(one_block, x_BxTxD, (blocks_state, layer_cache))
+        new_cache.append(layer_cache)
     return x_BxTxD, new_cache
 
 
@@ -110,10 +205,10 @@ def _generate(graphdef, state, ids_BxS, prompt_len, temperature, top_p, key):
     rack = nnx.merge(graphdef, state)
     m = rack.config
     B, S = ids_BxS.shape
-    cos_SxE, sin_SxE = model.rope_cos_sin(S, m.d_model // m.n_heads, m.rope_theta)
+    cos_SxE, sin_SxE = model.rope_tables(m, S)  # MLA: at the width of its RoPE part
     x_BxSxD = rack.embed(ids_BxS)
     cache = empty_cache(rack, B, S, x_BxSxD.dtype)
-    h_BxSxD, cache = forward_cached(rack, x_BxSxD, cos_SxE, sin_SxE, cache, 0)
+    h_BxSxD, cache = forward_cached(rack, x_BxSxD, cos_SxE, sin_SxE, cache, 0, prompt_len)
     last_Bx1xD = jax.lax.dynamic_slice_in_dim(h_BxSxD, prompt_len - 1, 1, axis=1)
     token_B = sample_token(rack.logits(last_Bx1xD)[:, 0], temperature, top_p,
                            jax.random.fold_in(key, prompt_len))

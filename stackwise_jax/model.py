@@ -120,7 +120,7 @@ def _attend_chunked(q_BxLxKxGxE, k_BxSxKxE, v_BxSxKxE, C: int, causal: bool, q_o
 
     out_NxBxCxKxGxE = jax.lax.map(lambda args: one_chunk(*args),
                                   (q_NxBxCxKxGxE, q_offset + jnp.arange(L // C) * C))
-    return jnp.moveaxis(out_NxBxCxKxGxE, 0, 1).reshape(B, L, K, G, E)
+    return jnp.moveaxis(out_NxBxCxKxGxE, 0, 1).reshape(B, L, K, G, -1)  # v may be narrower (MLA)
 
 
 class MLP(nnx.Module):

@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 from conftest import generated_text
 from test_export import (
-    assert_clean_error, causal_forward, check_parity, forbid_whole_tree, hf_logits,
-    hf_tokenizer_dir, random_params, run_cli, safetensors_dict, tiny_cfg, write_run)
+    N_NEW, assert_clean_error, causal_forward, check_parity, forbid_whole_tree, hf_greedy,
+    hf_logits, hf_tokenizer_dir, load_hf, random_params, run_cli, safetensors_dict, tiny_cfg,
+    write_run)
 
 from export import hf as export_hf
 from export import mapping
 from stackwise_jax import config, data
+from stackwise_jax import generate as generate_lib
+from stackwise_jax import sample
 from stackwise_jax.run import load_run, rack_from_params
 
 torch = pytest.importorskip("torch")
@@ -76,7 +79,19 @@ def test_mla_random_weights_parity(tmp_path, bpe, q_lora_rank, tied, stacks, mon
     names = safetensors_dict(out)
     assert not any("experts" in n or ".gate." in n for n in names)  # dense: no MoE weights
     assert ("model.layers.0.self_attn.q_a_layernorm.weight" in names) == bool(q_lora_rank)
-    check_parity(rack_from_params(cfg.model, params), out, bpe)
+    rack = rack_from_params(cfg.model, params)
+    check_parity(rack, out, bpe)
+    if q_lora_rank:  # generation from the latent cache gives transformers' greedy tokens
+        # (one case: a compile each; test_generate checks the full query against recompute)
+        prompt = bpe.encode("The king finds")
+        ours = generate_lib.generate(rack, prompt, N_NEW)[len(prompt):].tolist()
+        assert ours == hf_greedy(load_hf(out), prompt, N_NEW)
+        # the sample CLI's path (load_run, then generate) on the MLA run prints the same
+        monkeypatch.undo()  # the export is done: load_run may read the whole tree
+        cut = ours[:ours.index(bpe.eos_id)] if bpe.eos_id in ours else ours
+        traces = generate_lib.TRACES["generate"]
+        assert sample.sample_text(run, "The king finds", "ar", N_NEW) == bpe.decode(cut)
+        assert generate_lib.TRACES["generate"] == traces  # and runs the compiled program
 
 
 def save_deepseek(directory, cfg, rope_interleave, seed=0):
@@ -120,7 +135,6 @@ def test_mla_import_export_round_trip(tmp_path, bpe, capsys, rope_interleave):
         for name in a:
             assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
     else:
-        from test_export import load_hf
         assert np.abs(hf_logits(load_hf(back), ids) - want).max() <= 1e-4
     # the config names what to set when it is not MLA
     gqa = [o for o in mla_overrides(cfg) if "attention" not in o]

@@ -23,7 +23,10 @@ def small_model(**model_keys):
     m.vocab_size, m.d_model, m.n_heads, m.n_kv_heads, m.d_ff = 100, 32, 4, 2, 64
     m.architecture.n_stacks, m.architecture.blocks_per_stack = 1, 2
     for key, value in model_keys.items():
-        m[key] = value
+        if isinstance(value, dict):  # a group of keys: model.mla, model.linear
+            m[key].update(value)
+        else:
+            m[key] = value
     rng = np.random.default_rng(0)  # drawn in numpy: an eager Flax init compiles many ops
     params = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), jnp.float32),
                           run.abstract_params(m))
@@ -158,6 +161,44 @@ def test_cache_bytes_per_token_is_what_the_cache_allocates():
     m70 = config.load("configs/llama70b.py").model
     # 80 layers x (k, v) x 8 KV heads x 128 dims x 2 bytes (bf16)
     assert generate_lib.cache_bytes_per_token(m70)["gqa"] == 80 * 2 * 8 * 128 * 2 == 327680
+
+
+def test_mla_and_linear_greedy_generation_equal_full_recompute():
+    """MLA decodes from its latent cache (kv_b_proj absorbed into query and output), linear
+    attention from its recurrent state; each equals a full causal forward at every step.
+    MLA with chunks of 8 over a 21-token buffer (the prefill pads); linear attention with
+    prefix-sum chunks of 4, so the prefill's chunked form differs from the one-token
+    recurrence. Each cache's allocation is what its bytes function says."""
+    prompt = np.random.default_rng(4).integers(0, 100, (2, 7)).astype(np.int32)
+    mla = small_model(attention="mla", attention_chunk_size=8, mla=dict(
+        kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6))
+    np.testing.assert_array_equal(generate_lib.generate(mla, prompt, 14),
+                                  full_recompute_greedy(mla, prompt, 14))
+    cache = generate_lib.empty_cache(mla, batch=1, max_len=10)
+    assert sorted(cache[0]) == ["k_rope", "latent"]
+    allocated = sum(a.nbytes for layer in cache for a in layer.values())
+    assert generate_lib.cache_bytes_per_token(mla.config, dtype_bytes=4)["mla"] * 10 == allocated
+    assert allocated == 10 * 2 * (24 + 4) * 4  # 2 layers x (latent + rope key) x fp32
+
+    linear = small_model(attention="linear", linear=dict(chunk_size=4))
+    np.testing.assert_array_equal(generate_lib.generate(linear, prompt, 14),
+                                  full_recompute_greedy(linear, prompt, 14))
+    state = generate_lib.empty_cache(linear, batch=3, max_len=10)
+    assert sum(a.nbytes for layer in state for a in layer.values()) == \
+        generate_lib.linear_state_bytes(linear.config, batch=3) == 3 * 2 * 2 * (8 * 8 + 8) * 4
+
+
+def test_cache_bytes_for_the_70b_shape_with_mla():
+    """DeepSeek-V3's MLA sizes on configs/llama70b.py: 80 layers x (512 + 64) x 2 bytes."""
+    m = config.load("configs/llama70b.py").model
+    with m.unlocked():
+        m.attention = "mla"
+        m.mla.update(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                     qk_rope_head_dim=64, v_head_dim=128)
+    assert generate_lib.cache_bytes_per_token(m) == {"gqa": 327680, "mla": 92160}
+    with m.unlocked():
+        m.attention = "linear"
+    assert generate_lib.linear_state_bytes(m) == 80 * 8 * (128 * 128 + 128) * 4
 
 
 # ----------------------------------------------------------------- masked diffusion
