@@ -399,7 +399,8 @@ def test_a_full_disk_during_export_names_the_file_and_leaves_no_partial_export(
     from export import hf, mapping
 
     out = str(tmp_path / "hf")
-    # The tokenizer and config files fit in 40 KB; the float32 weights (~230 KB) do not.
+    # The tokenizer and config files fit in 40 KB; the float32 weights (~56k parameters,
+    # about 220 KB) do not.
     with _FileSizeLimit(40_000), pytest.raises(faults.DiskFull) as e:
         hf.export_run(reference["workdir"], out, progress=False)
     msg = str(e.value)
