@@ -26,7 +26,7 @@ import tqdm
 
 from export import dirs, mapping, stream, tokenizer
 from export.importing import import_hf
-from stackwise_jax import checkpoint, memory, store
+from stackwise_jax import checkpoint, faults, memory, store
 from stackwise_jax import config as config_lib
 from stackwise_jax.errors import UserError
 
@@ -100,7 +100,10 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32", max_shard_siz
 
     import transformers
 
-    with dirs.written_in_temp(out_dir) as tmp:
+    # The weights' files name themselves and their sizes when the disk is full; the small
+    # files (tokenizer, configs) name the export. Either way the temporary directory goes.
+    with faults.writing(os.path.abspath(out_dir), None, "the export", stream.NO_SPACE_AFTER), \
+            dirs.written_in_temp(out_dir) as tmp:
         tok = tokenizer.to_hf(os.path.join(workdir, "tokenizer"), tmp, cfg.data.seq_len)
         hf_config = getattr(transformers, mapping.hf_config_class(m))
         hf_config(**mapping.hf_config_kwargs(cfg, tok, dtype)).save_pretrained(tmp)
@@ -108,7 +111,7 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32", max_shard_siz
                                       pad_token_id=tok["eos_id"]).save_pretrained(tmp)
         tensors = mapping.all_tensors(m)
         writer = stream.ShardedWriter(tmp, [(t.hf_name, t.hf_shape) for t in tensors], dtype,
-                                      max_bytes)
+                                      max_bytes, shown_as=os.path.abspath(out_dir))
         _stream_weights(params, m, layout, writer, progress)
         writer.close()
     return out_dir

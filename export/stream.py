@@ -7,6 +7,7 @@ reads them one stored array at a time from the run's parameter stores, stackwise
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,10 +16,15 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from stackwise_jax import faults
 from stackwise_jax.errors import UserError
 
 DTYPES = {"float32": (np.dtype(np.float32), "F32"),
           "bfloat16": (np.dtype(ml_dtypes.bfloat16), "BF16")}
+# What a write refused for lack of space leaves: export/dirs.py deletes the temporary
+# directory, so the target stays as it was.
+NO_SPACE_AFTER = ("The partial export was deleted; the --out directory is as it was. Free "
+                  "space (or lift the limit) and rerun the same command")
 
 
 # -------------------------------------------------------------------------- safetensors
@@ -65,7 +71,7 @@ class _FileWriter:
     CHUNK_BYTES = 64 << 20  # transposes and casts go through buffers of at most this size
 
     def __init__(self, path: str, entries: list[tuple[str, tuple, int]], dtype: np.dtype,
-                 code: str):
+                 code: str, shown_as: str | None = None):
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, shape, nbytes in entries:
             header[name] = {"dtype": code, "shape": list(shape),
@@ -75,8 +81,26 @@ class _FileWriter:
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
         self.expected = [(name, tuple(shape)) for name, shape, _ in entries]
         self.dtype = dtype
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        self.nbytes = 8 + len(raw) + offset  # the whole file, known before it is written
+        self.shown_as = shown_as or path  # the path a user knows (not the temporary one)
+        self.file = None
+        with self._writing():
+            self.file = open(path, "wb")
+            self.file.write(struct.pack("<Q", len(raw)) + raw)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A write refused for lack of space: DiskFull naming the file and its full size;
+        the file is closed (its buffer dropped), the caller deletes the directory."""
+        try:
+            with faults.writing(self.shown_as, self.nbytes, os.path.basename(self.shown_as),
+                                NO_SPACE_AFTER):
+                yield
+        except faults.DiskFull:
+            if self.file is not None:
+                with contextlib.suppress(OSError):
+                    self.file.close()  # flushes what is buffered, which fails again
+            raise
 
     def write(self, name: str, array: np.ndarray) -> None:
         """Writes `array` (any layout, e.g. a transposed view) row block by row block."""
@@ -88,20 +112,22 @@ class _FileWriter:
         step = max(1, self.CHUNK_BYTES // row_bytes)
         for start in range(0, array.shape[0], step):
             block = np.ascontiguousarray(array[start:start + step], dtype=self.dtype)
-            self.file.write(block.reshape(-1).view(np.uint8).data)
+            with self._writing():
+                self.file.write(block.reshape(-1).view(np.uint8).data)
 
     def close(self) -> None:
         assert not self.expected, f"tensors never written: {self.expected}"
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        with self._writing():
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
 
 
 class ShardedWriter:
     """Writes tensors, in the planned order, into model.safetensors or model-N-of-M shards."""
 
     def __init__(self, out_dir: str, tensors: list[tuple[str, tuple]], dtype: str,
-                 max_shard_size: int):
+                 max_shard_size: int, shown_as: str | None = None):
         self.np_dtype, self.code = DTYPES[dtype]
         item = self.np_dtype.itemsize
         entries = [(name, tuple(shape), int(np.prod(shape)) * item) for name, shape in tensors]
@@ -109,6 +135,7 @@ class ShardedWriter:
         shards = plan_shards(entries, max_shard_size)
         self.files = shard_file_names(len(shards))
         self.out_dir = out_dir
+        self.shown_as = shown_as or out_dir  # named in messages: the final directory
         self.weight_map = {name: f for f, names in zip(self.files, shards) for name in names}
         self.total_size = sum(nbytes for _, _, nbytes in entries)
         self._plans = [[(n, *sizes[n]) for n in names] for names in shards]
@@ -120,8 +147,10 @@ class ShardedWriter:
             if self._writer is not None:
                 self._writer.close()
             self._index += 1
-            self._writer = _FileWriter(os.path.join(self.out_dir, self.files[self._index]),
-                                       self._plans[self._index], self.np_dtype, self.code)
+            file = self.files[self._index]
+            self._writer = _FileWriter(os.path.join(self.out_dir, file), self._plans[self._index],
+                                       self.np_dtype, self.code,
+                                       os.path.join(self.shown_as, file))
         self._writer.write(name, array)
 
     def close(self) -> None:
@@ -130,8 +159,12 @@ class ShardedWriter:
         assert self._index == len(self.files) - 1, "not every shard was written"
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-            with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
-                json.dump(index, f, indent=2, sort_keys=True)
+            text = json.dumps(index, indent=2, sort_keys=True)
+            name = "model.safetensors.index.json"
+            with faults.writing(os.path.join(self.shown_as, name), len(text.encode()), name,
+                                NO_SPACE_AFTER):
+                with open(os.path.join(self.out_dir, name), "w") as f:
+                    f.write(text)
 
 
 def safetensors_files(hf_dir: str) -> dict[str, str]:

@@ -22,7 +22,6 @@ always means a complete cache; a .partial is never read.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import io
 import json
@@ -35,6 +34,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from stackwise_jax import faults
 from stackwise_jax.checkpoint import atomic_write_text, fsync_dir
 from stackwise_jax.config import CACHE_DTYPES
 from stackwise_jax.errors import UserError
@@ -249,7 +249,7 @@ class CacheWriter:
                 if self._rows == end:
                     self._close_shard()
         except OSError as e:
-            self._disk_full(e)
+            self._disk_full(e, self._shard)
             raise
 
     def finalize(self) -> None:
@@ -345,16 +345,27 @@ class CacheWriter:
                                  rows=list(self.spec.shard_rows(self._shard)),
                                  bytes=size, sha256=self._hash.hexdigest()))
 
-    def _disk_full(self, e: OSError) -> None:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    def _disk_full(self, e: OSError, shard: int | None = None) -> None:
+        """A write refused for lack of space: drops the partial cache and raises DiskFull
+        naming the shard (or, for the manifest, the directory) and the bytes it needed."""
+        if not faults.is_disk_full(e):
             return
+        spec, written = self.spec, self._rows
         self.abort()
-        needed = self.spec.total_bytes() + _manifest_allowance(self.spec)
-        raise UserError(
-            f"the disk filled up while writing the activation cache at {self.directory} "
-            f"({self._rows} of {self.spec.n_rows} rows written; the cache needs {needed} bytes, "
-            f"{_gib(needed)}). The partial cache was deleted. Free space, use "
-            "training.progressive.cache_dtype='fp8', fewer cache_views, or another disk.") from e
+        if shard is None:
+            path, needed, what = self.directory, _manifest_allowance(spec), "the activation cache"
+        else:
+            a, b = spec.shard_rows(shard)
+            path = os.path.join(self.directory, _shard_name(shard))
+            needed = len(_npy_header(spec, b - a)) + (b - a) * spec.bytes_per_row()
+            what = f"activation cache shard {shard + 1} of {spec.shards()}"
+        whole = spec.total_bytes() + _manifest_allowance(spec)
+        raise faults.disk_full(path, needed, what, after=(
+            f"The partial cache ({written} of {spec.n_rows} rows) was deleted, never to be read; "
+            f"the whole cache needs {whole:,d} bytes ({_gib(whole)}). Free space (or lift the "
+            "limit), or use training.progressive.cache_dtype='fp8' (or 'bf16'), fewer "
+            "cache_views or another disk, and rerun the same command: it resumes from the last "
+            "checkpoint and builds the cache again")) from None
 
 
 # ------------------------------------------------------------------ reader

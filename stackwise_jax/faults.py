@@ -51,19 +51,22 @@ def free_bytes(path: str) -> int | None:
         return None
 
 
-def disk_full(path: str, needed: int | None, what: str) -> DiskFull:
+RESUME = ("Nothing half-written is used later; the last complete checkpoint is intact. Free "
+          "space (or lift the limit) and rerun the same command to resume from it")
+
+
+def disk_full(path: str, needed: int | None, what: str, after: str = RESUME) -> DiskFull:
+    """The one message: what was written, where, the bytes it needed; `after` says what
+    was kept and what to do (by default: resume from the last checkpoint)."""
     free = free_bytes(path)
     need = f"it needed {needed:,d} bytes" if needed is not None else "it needed more space"
     have = f", {free:,d} are free there" if free is not None else ""
-    return DiskFull(
-        f"no space left writing {what} at {path}: {need}{have} (a full disk, a quota or a "
-        "file-size limit: ulimit -f). Nothing half-written is used later; the last complete "
-        "checkpoint is intact. Free space (or lift the limit) and rerun the same command to "
-        "resume from it")
+    return DiskFull(f"no space left writing {what} at {path}: {need}{have} (a full disk, a "
+                    f"quota or a file-size limit: ulimit -f). {after}")
 
 
 @contextlib.contextmanager
-def writing(path: str, needed: int | None, what: str):
+def writing(path: str, needed: int | None, what: str, after: str = RESUME):
     """Turns a failed write of `path` for lack of space into DiskFull."""
     try:
         yield
@@ -71,7 +74,7 @@ def writing(path: str, needed: int | None, what: str):
         raise
     except Exception as e:
         if is_disk_full(e):
-            raise disk_full(path, needed, what) from None
+            raise disk_full(path, needed, what, after) from None
         raise
 
 

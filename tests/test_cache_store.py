@@ -240,7 +240,8 @@ def test_disk_full_during_write(tmp_path):
         def close(self):
             self.f.close()
 
-    with pytest.raises(UserError, match="disk filled up.*needs"):
+    named = "no space left writing activation cache shard 1 of 2 at .*shard-00000.npy: it needed"
+    with pytest.raises(UserError, match=named):
         with cs.CacheWriter(directory, spec) as w:
             w.write({k: v[:2] for k, v in rows.items()})
             w._file = FullFile(w._file)

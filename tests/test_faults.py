@@ -2,8 +2,10 @@
 Each drives the real trainer (in-process, or as a real process for signals and exit
 codes) and compares the finished run with one that never met the fault, bit for bit."""
 
+import glob
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -29,7 +31,8 @@ def reference(corpus_dir, tmp_path_factory):
     cfg = small_config(corpus_dir)
     wd = str(tmp_path_factory.mktemp("reference") / "run")
     summary = train.run(cfg, wd, progress=False)
-    return {"params": leaves(params_of(wd)), "metrics": _metrics(wd), "summary": summary}
+    return {"params": leaves(params_of(wd)), "metrics": _metrics(wd), "summary": summary,
+            "workdir": wd}
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,21 @@ def at_step5(corpus_dir, tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("step5") / "run")
     assert train.run(small_config(corpus_dir), wd, max_steps=5, progress=False) == {}
     assert _steps(wd) == [4, 5]
+    return wd
+
+
+def _cached_config(corpus_dir):
+    """small_config with stage 1 trained from the activation cache."""
+    return small_config(corpus_dir, **{"training.progressive.cache_activations": True,
+                                       "training.progressive.cache_dtype": "fp32"})
+
+
+@pytest.fixture(scope="module")
+def stage0_cached(corpus_dir, tmp_path_factory):
+    """A run of _cached_config at the end of stage 0: stored, stage 1's cache not yet built."""
+    wd = str(tmp_path_factory.mktemp("stage0_cached") / "run")
+    assert train.run(_cached_config(corpus_dir), wd, max_steps=STEPS, progress=False) == {}
+    assert _steps(wd)[-1] == STEPS and not os.path.exists(os.path.join(wd, "cache", "stage_1"))
     return wd
 
 
@@ -114,7 +132,9 @@ def _truncate_without_checksums(step_dir):
     return _truncate_params(step_dir)
 
 
-@pytest.mark.parametrize("damage", [_truncate_params, _delete_item, _garble_meta,
+# A garbled meta file is found by the same checksum check (and named the same way) in
+# test_no_intact_checkpoint_stops_with_one_message_and_changes_nothing.
+@pytest.mark.parametrize("damage", [_truncate_params, _delete_item,
                                     _truncate_without_checksums])
 def test_damaged_latest_checkpoint_is_named_set_aside_and_the_previous_one_used(
         damage, corpus_dir, at_step5, tmp_path, capsys):
@@ -146,20 +166,22 @@ def test_no_intact_checkpoint_stops_with_one_message_and_changes_nothing(
     wd = str(tmp_path / "run")
     shutil.copytree(at_step5, wd)
     _truncate_params(os.path.join(wd, "checkpoints", "5"))
-    _garble_meta(os.path.join(wd, "checkpoints", "4"))
+    _, meta_path = _garble_meta(os.path.join(wd, "checkpoints", "4"))
     before = _tree(wd)
     with pytest.raises(train.UserError) as e:
         train.run(small_config(corpus_dir), wd, progress=False)
     msg = str(e.value)
     assert "no intact checkpoint" in msg and "Nothing was changed or deleted" in msg, msg
-    assert "checkpoint 5 is damaged (trainable:" in msg and "checkpoint 4 is damaged (meta:" in msg
+    assert "checkpoint 5 is damaged (trainable:" in msg, msg
+    assert f"checkpoint 4 is damaged (meta: {meta_path} is corrupted" in msg, msg
     assert _tree(wd) == before
 
 
-def test_damaged_stores_are_named_together_and_nothing_is_deleted(corpus_dir, tmp_path):
-    cfg = small_config(corpus_dir)
+def test_damaged_stores_are_named_together_and_nothing_is_deleted(corpus_dir, stage0_cached,
+                                                                  tmp_path):
+    cfg = _cached_config(corpus_dir)  # the stores are checked before any cache is opened
     wd = str(tmp_path / "run")
-    train.run(cfg, wd, max_steps=STEPS, progress=False)  # stage 0 stored (v1)
+    shutil.copytree(stage0_cached, wd)  # stage 0 stored (v1)
     stack = store.open_store(wd, store.stack_group(0), 1)
     leaf = os.path.join(stack.path, sorted(stack.leaves)[0] + ".npy")
     open(leaf, "w").close()
@@ -211,8 +233,23 @@ def _wait_for_step(wd, global_step, proc=None, timeout=300):
     raise AssertionError(f"step {global_step} never logged")
 
 
+def _interrupt_in_save(wd, after_step, done, seen):
+    """Polls for the temporary directory of the first checkpoint saved after `after_step`
+    (Orbax writes step N into N.orbax-checkpoint-tmp-* and renames it when complete) and
+    sends SIGINT the moment it appears: the signal lands inside that save."""
+    pattern = os.path.join(wd, "checkpoints", "*" + checkpoint._ORBAX_TMP + "*")
+    while not done.is_set():
+        steps = [int(os.path.basename(p).split(".")[0]) for p in glob.glob(pattern)]
+        steps = [s for s in steps if s > after_step]
+        if steps:
+            seen.append(min(steps))
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        time.sleep(0.0005)
+
+
 def test_sigterm_and_ctrl_c_save_and_the_rerun_is_bit_identical(corpus_dir, reference,
-                                                                 tmp_path):
+                                                                 tmp_path, capsys):
     wd = str(tmp_path / "run")
     # 1. A real process gets SIGTERM mid-stage (a scheduler, Colab, a spot instance).
     proc = subprocess.Popen([sys.executable, "-m", "stackwise_jax.train",
@@ -234,11 +271,30 @@ def test_sigterm_and_ctrl_c_save_and_the_rerun_is_bit_identical(corpus_dir, refe
     stopped = _steps(wd)[-1]  # saved at the step it stopped after: nothing lost
     assert 1 <= stopped < STEPS, stopped  # mid stage 0
     checkpoint.Checkpointer(wd, 3, create=False).check(stopped)
-
-    # 2. Ctrl-C (a real SIGINT to this process) as stage 0 ends: the checkpoint is then
-    # the phase boundary's, or a step of stage 1 it stopped after.
     cfg = small_config(corpus_dir)
 
+    # 2. Ctrl-C (a real SIGINT to this process) while a checkpoint is being written: the
+    # periodic one of step 4 (the first save after step 1). The save completes, then the
+    # run stops at that step without a second save.
+    done, seen = threading.Event(), []
+    sender = threading.Thread(target=_interrupt_in_save, args=(wd, stopped, done, seen),
+                              daemon=True)
+    sender.start()
+    capsys.readouterr()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.run(cfg, wd, progress=False)
+    finally:
+        done.set()
+        sender.join()
+    assert seen, "no checkpoint save was seen"
+    assert _steps(wd)[-1] == seen[0], (seen, _steps(wd))
+    checkpoint.Checkpointer(wd, 3, create=False).check(seen[0])  # complete, checksummed
+    assert capsys.readouterr().err.count("SIGINT received: saving a checkpoint") == 1
+    assert not [n for n in os.listdir(os.path.join(wd, "checkpoints")) if "tmp" in n]
+
+    # 3. Ctrl-C as stage 0 ends: the checkpoint is then the phase boundary's, or a step of
+    # stage 1 it stopped after.
     def interrupt_at_stage_end():
         _wait_for_step(wd, STEPS)
         os.kill(os.getpid(), signal.SIGINT)
@@ -252,7 +308,7 @@ def test_sigterm_and_ctrl_c_save_and_the_rerun_is_bit_identical(corpus_dir, refe
     assert STEPS <= stopped < 2 * STEPS
     assert not [n for n in os.listdir(os.path.join(wd, "checkpoints")) if "tmp" in n]
 
-    # 3. The rerun finishes the same run, bit for bit.
+    # 4. The rerun finishes the same run, bit for bit.
     train.run(cfg, wd, progress=False)
     _assert_same_as_reference(wd, reference)
 
@@ -304,3 +360,60 @@ def test_a_full_disk_stops_with_path_and_bytes_and_the_last_checkpoint_stays_usa
     train.run(cfg, wd, progress=False)  # no limit: resumes from step 6 and finishes
     assert not [n for n in os.listdir(os.path.join(wd, "checkpoints")) if "tmp" in n]
     _assert_same_as_reference(wd, reference)
+
+
+def test_a_full_disk_while_caching_activations_names_the_shard_and_keeps_no_partial_cache(
+        corpus_dir, stage0_cached, tmp_path):
+    from stackwise_jax import cache, cache_store
+
+    cfg = _cached_config(corpus_dir)
+    wd = str(tmp_path / "run")
+    shutil.copytree(stage0_cached, wd)
+    # The cache is one shard of ~4.4 KB per row, hundreds of rows: past 1 MB, which the
+    # files written before it (metrics, the lock, XLA's compilation cache) stay under.
+    with _FileSizeLimit(1_000_000), pytest.raises(faults.DiskFull) as e:
+        train.run(cfg, wd, progress=False)  # stage 1 opens: its cache does not fit
+    msg = str(e.value)
+    shard = os.path.join(wd, "cache", "stage_1", "shard-00000.npy")
+    assert f"no space left writing activation cache shard 1 of 1 at {shard}: it needed " in msg
+    assert "The partial cache (" in msg and "was deleted" in msg, msg
+    needed = int(re.search(r"it needed ([\d,]+) bytes", msg).group(1).replace(",", ""))
+    assert needed > 1_000_000, msg
+    assert os.listdir(os.path.join(wd, "cache")) == []  # no partial shard to be read later
+    assert _steps(wd)[-1] == STEPS
+    checkpoint.Checkpointer(wd, 3, create=False).check(STEPS)
+
+    # No limit: the rerun builds the whole cache (every shard checked against its manifest's
+    # size and sha256) and trains on from the last checkpoint.
+    train.run(cfg, wd, max_steps=1, progress=False)
+    reader = cache_store.open_cache(cache.cache_dir(wd, 1), verify=True)
+    assert os.path.getsize(shard) == needed and reader.spec.shards() == 1
+    assert _steps(wd)[-1] == STEPS + 1
+    checkpoint.Checkpointer(wd, 3, create=False).check(STEPS + 1)
+
+
+def test_a_full_disk_during_export_names_the_file_and_leaves_no_partial_export(
+        reference, tmp_path):
+    from safetensors.numpy import load_file
+
+    from export import hf, mapping
+
+    out = str(tmp_path / "hf")
+    # The tokenizer and config files fit in 40 KB; the float32 weights (~56k parameters,
+    # about 220 KB) do not.
+    with _FileSizeLimit(40_000), pytest.raises(faults.DiskFull) as e:
+        hf.export_run(reference["workdir"], out, progress=False)
+    msg = str(e.value)
+    weights = os.path.join(out, "model.safetensors")
+    assert f"no space left writing model.safetensors at {weights}: it needed " in msg, msg
+    assert "The partial export was deleted" in msg, msg
+    needed = int(re.search(r"it needed ([\d,]+) bytes", msg).group(1).replace(",", ""))
+    assert os.listdir(tmp_path) == []  # neither the target nor the temporary directory
+
+    hf.export_run(reference["workdir"], out, progress=False)  # no limit
+    assert os.path.getsize(weights) == needed
+    cfg = checkpoint.read_config(reference["workdir"])
+    tensors = load_file(weights)
+    assert sorted(tensors) == sorted(t.hf_name for t in mapping.all_tensors(cfg.model))
+    embed = [v for k, v in reference["params"].items() if "embed" in str(k)]
+    assert len(embed) == 1 and np.array_equal(tensors["model.embed_tokens.weight"], embed[0])
