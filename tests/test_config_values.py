@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where 0 or "" means something (documented next to the key in config.defaults()).
 ZERO_ALLOWED = {"model.attention_chunk_size", "training.loss_chunk_size", "training.fusion.steps",
                 "eval.batches", "training.warmup_steps", "data.seed", "training.seed",
-                "training.weight_decay", "training.grad_clip_norm"}
+                "training.weight_decay", "training.grad_clip_norm",
+                "model.mla.q_lora_rank"}  # 0: a full query projection
 EMPTY_ALLOWED = {"data.files", "data.heldout_files"}
 
 
