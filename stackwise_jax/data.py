@@ -806,11 +806,12 @@ def describe(cfg, prepared: Prepared, all_phases) -> dict:
           f"tokens is {stats['epochs']:.2f} epochs", flush=True)
     asked = cfg.eval.batches * batch
     if asked and heldout_rows < asked:
+        scored = sum(len(b) for b in heldout_batches(prepared.heldout_rows, batch, cfg.eval.batches))
         stats["warnings"].append(
             f"the held-out set has {heldout_rows} rows of {seq_len} tokens, fewer than the "
-            f"eval.batches x data.batch_size = {asked} the evaluation asks for; every held-out "
-            "row is scored, and the scores are noisier. Hold out more text (data.heldout_files "
-            "or data.heldout_fraction)")
+            f"eval.batches x data.batch_size = {asked} the evaluation asks for; it scores the "
+            f"{scored} rows of its whole batches, and the scores are noisier. Hold out more "
+            "text (data.heldout_files or data.heldout_fraction)")
     if stats["epochs"] > MANY_EPOCHS:
         stats["warnings"].append(
             f"the budget is {stats['epochs']:.1f} epochs of a small corpus ({train_tokens:,} "
