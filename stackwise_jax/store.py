@@ -272,7 +272,9 @@ def damaged(run_dir: str, max_version: int) -> list[str]:
             file = os.path.join(s.path, name + ".npy")
             size = os.path.getsize(file) if os.path.isfile(file) else None
             if size != meta["bytes"]:
-                why = "missing" if size is None else f"{size} bytes, expected {meta['bytes']}"
+                why = ("missing" if size is None else
+                       f"{'truncated' if size < meta['bytes'] else 'too long'}: {size} bytes, "
+                       f"expected {meta['bytes']}")
                 problems.append(f"{describe(group)}: {file} is {why}")
     return problems
 

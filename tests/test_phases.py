@@ -134,7 +134,7 @@ def test_missing_or_truncated_stack_store_names_the_stack(corpus_dir, tmp_path):
     q = os.path.join(store.root(wd), "stack_00001", "v00002", "blocks.attn.q_proj.kernel.npy")
     with open(q, "r+b") as f:
         f.truncate(os.path.getsize(q) // 2)
-    with pytest.raises(UserError, match=r"stack 1 .*truncated"):
+    with pytest.raises(UserError, match=r"stack 1\b.*truncated"):
         train.run(cfg, wd, progress=False)
     os.rename(os.path.join(store.root(wd), "stack_00001", "v00002"),
               os.path.join(store.root(wd), "stack_00001", "v00002.partial"))  # an interrupted write
