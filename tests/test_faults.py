@@ -192,7 +192,7 @@ def test_damaged_stores_are_named_together_and_nothing_is_deleted(corpus_dir, st
         train.run(cfg, wd, progress=False)
     msg = str(e.value)
     assert "2 stored parameter file(s) are damaged" in msg, msg
-    assert f"stack 0: {leaf} is 0 bytes" in msg and "the head:" in msg, msg
+    assert f"stack 0: {leaf} is truncated: 0 bytes" in msg and "the head:" in msg, msg
     assert _tree(wd) == before
 
 
