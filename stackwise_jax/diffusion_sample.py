@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from stackwise_jax.errors import UserError
+from stackwise_jax.generate import prompt_rows
 
 
 def transfer_schedule(n_masked: int, steps: int) -> list[int]:
@@ -92,12 +93,7 @@ def diffusion_generate(rack, prompt_ids, max_new_tokens: int, mask_id: int, step
     predictions (deterministic); > 0: Gumbel-max draws from softmax(logits / temperature),
     seeded by `seed` and the step. Returns (B, P + n) (or (P + n,)) int32.
     """
-    ids = np.asarray(prompt_ids)
-    one_row = ids.ndim == 1
-    ids_BxP = ids[None] if one_row else ids
-    if ids_BxP.ndim != 2 or ids_BxP.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise UserError(f"prompt_ids of shape {ids.shape} and dtype {ids.dtype}: need a "
-                        "non-empty (P,) or (B, P) array of token ids")
+    ids_BxP, one_row = prompt_rows(prompt_ids)
     for name, value in (("max_new_tokens", max_new_tokens), ("steps", steps)):
         if not (isinstance(value, (int, np.integer)) and value >= 1):
             raise UserError(f"--{name}={value!r} must be an integer >= 1")

@@ -241,6 +241,18 @@ def _program(graphdef, m):
     return _PROGRAMS[key]
 
 
+def prompt_rows(prompt_ids) -> tuple[np.ndarray, bool]:
+    """(B, P) token ids of a (P,) or (B, P) prompt, and whether it was one row; a clear
+    UserError for anything else (shared by both samplers)."""
+    ids = np.asarray(prompt_ids)
+    one_row = ids.ndim == 1
+    ids_BxP = ids[None] if one_row else ids
+    if ids_BxP.ndim != 2 or ids_BxP.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise UserError(f"prompt_ids of shape {ids.shape} and dtype {ids.dtype}: need a "
+                        "non-empty (P,) or (B, P) array of token ids")
+    return ids_BxP, one_row
+
+
 def generate(rack, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0) -> np.ndarray:
     """The prompt followed by max_new_tokens tokens, generated causally with a KV cache.
@@ -249,12 +261,7 @@ def generate(rack, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     (P + n,) for a 1-D prompt) int32. temperature 0: greedy; otherwise sampling with
     nucleus top_p, seeded by `seed` and each position (rows draw independently).
     """
-    ids = np.asarray(prompt_ids)
-    one_row = ids.ndim == 1
-    ids_BxP = ids[None] if one_row else ids
-    if ids_BxP.ndim != 2 or ids_BxP.shape[1] < 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise UserError(f"prompt_ids of shape {ids.shape} and dtype {ids.dtype}: need a "
-                        "non-empty (P,) or (B, P) array of token ids")
+    ids_BxP, one_row = prompt_rows(prompt_ids)
     if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
         raise UserError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if not temperature >= 0 or not 0 < top_p <= 1:
