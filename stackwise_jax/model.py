@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stackwise_jax import lora, quant
+from stackwise_jax import lora, nf4_matmul, quant
 
 ATTENTION_MODES = ("bidirectional", "causal")
 
@@ -52,9 +52,20 @@ def apply_rope(x_BxLxNxE, cos_LxE, sin_LxE):
     return (x_BxLxNxE * cos + rotated * sin).astype(x_BxLxNxE.dtype)
 
 
+class Linear(nnx.Linear):
+    """nnx.Linear whose kernel may also be an nf4 quant.QTensor: the frozen trunk's fused
+    forward (_dense_block keeps such kernels packed), multiplied without a dense weight."""
+
+    def __call__(self, inputs, out_sharding=None):
+        kernel = self.kernel.get_value()
+        if isinstance(kernel, quant.QTensor):
+            return nf4_matmul.nf4_matmul(inputs, kernel)
+        return super().__call__(inputs, out_sharding)
+
+
 def _linear(d_in, d_out, std, rngs):
-    return nnx.Linear(d_in, d_out, use_bias=False,
-                      kernel_init=nnx.initializers.normal(std), rngs=rngs)
+    return Linear(d_in, d_out, use_bias=False,
+                  kernel_init=nnx.initializers.normal(std), rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -171,11 +182,15 @@ REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable
                   "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def _dense_block(block_state, dtype):
+def _dense_block(block_state, dtype, keep_nf4: bool = False):
     """One block's parameters in the compute dtype. Stored frozen weights (fp32, bf16 or a
     quant.QTensor) are converted here, inside the scan iteration, so one dense block is
-    live at a time: converted outside the loop, XLA would keep every frozen layer dense."""
+    live at a time: converted outside the loop, XLA would keep every frozen layer dense.
+    keep_nf4: nf4 kernels that the fused kernel takes stay packed (Linear multiplies them
+    with nf4_matmul), so not even one layer's weights are dense."""
     def dense(v):
+        if keep_nf4 and nf4_matmul.fused_supported(v):
+            return v
         if isinstance(v, quant.QTensor):
             return quant.dequantize(v, dtype)
         return v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v
@@ -206,12 +221,15 @@ def scan_blocks(graphdef, blocks_state, x_BxLxD, cos_LxE, sin_LxE, causal: bool,
 
     adapters: LoRA adapters (lora.py) stacked on the same axis, or None. Each block's
     kernels become W + (alpha / r) A @ B inside its iteration, formed in float32 and then
-    cast to the compute dtype, so one dense block exists at a time.
+    cast to the compute dtype, so one dense block exists at a time. Without adapters, nf4
+    kernels run through the fused kernel when nf4_matmul selects it (on a GPU).
     """
+    fused = nf4_matmul.fused_selected()
+
     def one_block(x, xs):
         block_state, block_adapters = xs
         if block_adapters is None:
-            dense = _dense_block(block_state, x.dtype)
+            dense = _dense_block(block_state, x.dtype, keep_nf4=fused)
         else:
             rank = jax.tree.leaves(block_adapters)[0].shape[-1]
             dense = lora.apply_adapters(_dense_block(block_state, jnp.float32), block_adapters,

@@ -100,13 +100,23 @@ def nf4_matmul(x, q, *, fused: bool | None = None, interpret: bool | None = None
     matrix. fused=None follows `fused_selected`; kernels the fused path does not take
     run the plain path."""
     use_fused = fused_selected() if fused is None else fused
-    if not (use_fused and fused_supported(q)):
+    if not (use_fused and fused_supported(q)) or x.size == 0:
         return nf4_matmul_plain(x, q)
     interpret = _setting["interpret"] if interpret is None else interpret
-    tiles = (block_m, _tile_o(q.matrix_shape[1], block_o), _tile_k(q.matrix_shape[0], block_k))
+    d_in, d_out = q.matrix_shape
+    tiles = (block_m, _tile_o(d_out, block_o), _tile_k(d_in, block_k))
     lead = x.shape[:-1]
-    y_MxO = _fused(x.reshape(-1, x.shape[-1]), q, tiles, interpret)
-    return y_MxO.reshape(lead + (q.matrix_shape[1],))
+    x_MxI = x.reshape(-1, d_in)
+    # The Triton kernel addresses its operands with int32 offsets: at most 2^31 elements
+    # in x, y (and the transposed kernel's g, dx), so long inputs go in row chunks.
+    rows = max(block_m, (_MAX_ELEMENTS // max(d_in, d_out)) // block_m * block_m)
+    chunks = [_fused(x_MxI[r:r + rows], q, tiles, interpret)
+              for r in range(0, x_MxI.shape[0], rows)]
+    y_MxO = chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks)
+    return y_MxO.reshape(lead + (d_out,))
+
+
+_MAX_ELEMENTS = 2**31 - 2**20  # below int32's range, with room for the last row tile's padding
 
 
 # --------------------------------------------------------------------------- the kernel
