@@ -15,9 +15,10 @@ in C order. When out % 64 == 0 every block lies inside one row, so with data vie
 [i0:i1) x [o0:o1) (o0, o1 multiples of 64) is the slice [i0:i1) x [o0/2:o1/2) of data and
 [i0:i1) x [o0/64:o1/64) of scale.
 
-Shapes the kernel takes: out a multiple of 64 and of a power-of-two tile (64..256), in a
-multiple of 16 (Triton's smallest dot), any number of rows M (padded with zero rows up to
-the row tile; the padded rows are dropped). Anything else (and every non-nf4 format) runs
+Shapes the kernel takes: out a multiple of 64 (the column tile is the largest power of two
+from 64 to block_o dividing it), in a multiple of 16 (Triton's smallest dot; the reduction
+tile is the largest power of two from 16 to block_k dividing it), any number of rows M
+(padded with zero rows up to the row tile; the padded rows are dropped). Anything else (and every non-nf4 format) runs
 the plain path: `fused_supported` says which.
 
 Selection (`fused_selected`): fused on a GPU backend, plain elsewhere; `kernel_mode`
@@ -99,6 +100,10 @@ def nf4_matmul(x, q, *, fused: bool | None = None, interpret: bool | None = None
     """x (..., in) @ W (in, out) -> (..., out) in x's dtype, for an nf4 QTensor W of one
     matrix. fused=None follows `fused_selected`; kernels the fused path does not take
     run the plain path."""
+    for name, tile, least in (("block_m", block_m, 16), ("block_o", block_o, quant.NF4_BLOCK),
+                              ("block_k", block_k, 16)):
+        if tile < least or tile & (tile - 1):
+            raise ValueError(f"nf4_matmul {name}={tile}: a power of two >= {least}")
     use_fused = fused_selected() if fused is None else fused
     if not (use_fused and fused_supported(q)) or x.size == 0:
         return nf4_matmul_plain(x, q)
