@@ -96,8 +96,10 @@ def quiet_orbax():
         logging.getLogger(name).addFilter(drop)
     try:
         yield
+    except BaseException:
+        gc.collect()  # the failed save's tasks report here, while filtered (only on failure:
+        raise  # a full collection costs about a second in a large process)
     finally:
-        gc.collect()  # the failed save's tasks report here, while filtered
         for name in _LOGGERS:
             logging.getLogger(name).removeFilter(drop)
 
