@@ -118,7 +118,7 @@ def racks(workdir: str | None, attentions: list[str] | None):
         source = workdir
     else:
         cfg = config.load(os.path.join(ROOT, "configs/tiny.py"))
-        own, mask_id, source = None, cfg.model.vocab_size - 1, "configs/tiny.py, init"
+        own, mask_id, source = None, cfg.model.vocab_size - 1, "configs/tiny.py"
     out = []
     for kind in attentions or [cfg.model.attention]:
         if own is not None and kind == cfg.model.attention:
@@ -129,7 +129,7 @@ def racks(workdir: str | None, attentions: list[str] | None):
             c.model.attention = kind
         config.validate(c)
         out.append((kind, model.Rack(c.model, nnx.Rngs(0)), mask_id,
-                    f"{source} shape, model.attention={kind}, init"))
+                    f"{source} with model.attention={kind}, random init"))
     return out
 
 
