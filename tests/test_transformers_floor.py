@@ -59,7 +59,8 @@ def floor_site() -> str:
             why = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
             pytest.fail(f"could not install {' '.join(FLOOR_PACKAGES)} from PyPI into {root}: "
                         f"{why}. This test runs the exported models under the lowest "
-                        "transformers pyproject admits and needs PyPI (once) to get it.")
+                        "transformers pyproject admits and needs PyPI (once) to get it.",
+                        pytrace=False)
         try:
             os.rename(site, target)
         except OSError:  # another process got there first; its copy is complete too
