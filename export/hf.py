@@ -105,8 +105,12 @@ def export_run(workdir: str, out_dir: str, dtype: str = "float32", max_shard_siz
     with faults.writing(os.path.abspath(out_dir), None, "the export", stream.NO_SPACE_AFTER), \
             dirs.written_in_temp(out_dir) as tmp:
         tok = tokenizer.to_hf(os.path.join(workdir, "tokenizer"), tmp, cfg.data.seq_len)
-        hf_config = getattr(transformers, mapping.hf_config_class(m))
-        hf_config(**mapping.hf_config_kwargs(cfg, tok, dtype)).save_pretrained(tmp)
+        hf_config = getattr(transformers, mapping.hf_config_class(m))(
+            **mapping.hf_config_kwargs(cfg, tok, dtype))
+        # theta in 4.x's top-level field too (5.x reads rope_parameters, folds this one in):
+        # readers of config.json other than transformers 5 get it (docs/export.md)
+        hf_config.rope_theta = float(m.rope_theta)
+        hf_config.save_pretrained(tmp)
         transformers.GenerationConfig(bos_token_id=tok["bos_id"], eos_token_id=tok["eos_id"],
                                       pad_token_id=tok["eos_id"]).save_pretrained(tmp)
         tensors = mapping.all_tensors(m)

@@ -1,18 +1,25 @@
 """Generation speed on this machine, and KV-cache bytes per token from the configs.
 
     python scripts/bench_generate.py [--workdir=RUN] [--out=docs/generation_benchmark.json]
+    python scripts/bench_generate.py --attentions=gqa,mla,linear --methods=cache,full \
+        --out=docs/generation_attention_benchmark.json
     python scripts/bench_generate.py --cache_only   # the cache table alone, speed rows kept
 
 The model: the run in --workdir (its latest checkpoint), or configs/tiny.py at its random
-initialisation (speed does not depend on the weights). For each batch size: causal
-generation with the KV cache (stackwise_jax.generate), the same by a full causal forward
-per token (what the cache saves), and masked-diffusion sampling with one step per token.
-Each is timed after a first call that compiles it; the best of --repeats runs is kept.
+initialisation (speed does not depend on the weights). --attentions runs that model's shape
+with each attention (model.attention; one that is not the run's own starts at its random
+initialisation, with the config's model.mla.* / model.linear.* keys). For each batch size
+the --methods: causal generation with the attention's cache (stackwise_jax.generate: GQA's
+KV cache, MLA's latent cache, linear attention's recurrent state), the same by a full
+causal forward per token (what the cache saves), and masked-diffusion sampling with one
+step per token. Each is timed after a first call that compiles it; the best of --repeats
+runs is kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -28,6 +35,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from stackwise_jax import checkpoint, config, model  # noqa: E402
+from stackwise_jax.attention import ATTENTIONS  # noqa: E402
 from stackwise_jax import generate as generate_lib  # noqa: E402
 from stackwise_jax.diffusion_sample import diffusion_generate  # noqa: E402
 
@@ -96,9 +104,44 @@ def full_recompute(rack):
     return decode
 
 
+METHODS = ("cache", "full", "diffusion")
+CACHE_NAMES = {"gqa": "ar, KV cache", "mla": "ar, latent cache", "linear": "ar, recurrent state"}
+
+
+def racks(workdir: str | None, attentions: list[str] | None):
+    """[(attention, rack, mask_id, source)]: the run's model (or tiny at init), and its
+    shape with each of `attentions` when given."""
+    if workdir:
+        from stackwise_jax.run import load_run
+        loaded = load_run(workdir)
+        own, mask_id, cfg = loaded.rack, loaded.tokenizer.mask_id, loaded.config
+        source = workdir
+    else:
+        cfg = config.load(os.path.join(ROOT, "configs/tiny.py"))
+        own, mask_id, source = None, cfg.model.vocab_size - 1, "configs/tiny.py"
+    out = []
+    for kind in attentions or [cfg.model.attention]:
+        if own is not None and kind == cfg.model.attention:
+            out.append((kind, own, mask_id, source))
+            continue
+        c = copy.deepcopy(cfg)
+        with c.unlocked():
+            c.model.attention = kind
+        config.validate(c)
+        out.append((kind, model.Rack(c.model, nnx.Rngs(0)), mask_id,
+                    f"{source} with model.attention={kind}, random init"))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=None, help="a run to load; default: tiny at init")
+    p.add_argument("--attentions", default=None,
+                   help="comma-separated model.attention values to run at the model's shape "
+                        "(gqa, mla, linear); default: the model's own")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated: cache (generate), full (a full causal forward per "
+                        "token), diffusion (one step per token); default: all")
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=112)
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
@@ -114,41 +157,45 @@ def main(argv=None) -> int:
         checkpoint.atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
         print(f"\nwrote the cache table into {args.out}")
         return 0
+    methods = args.methods.split(",")
+    attentions = args.attentions.split(",") if args.attentions else None
+    for name, values, allowed in (("--methods", methods, METHODS),
+                                  ("--attentions", attentions or [], ATTENTIONS)):
+        if set(values) - set(allowed):
+            p.error(f"{name}={','.join(values)}: choose among {', '.join(allowed)}")
 
-    if args.workdir:
-        from stackwise_jax.run import load_run
-        loaded = load_run(args.workdir)
-        rack, mask_id, source = loaded.rack, loaded.tokenizer.mask_id, args.workdir
-    else:
-        m = config.load(os.path.join(ROOT, "configs/tiny.py")).model
-        rack, mask_id, source = model.Rack(m, nnx.Rngs(0)), m.vocab_size - 1, "configs/tiny.py, init"
-    m = rack.config
-    rng = np.random.default_rng(0)
-    recompute = full_recompute(rack)
+    load_before = os.getloadavg()
     rows = []
-    for B in (int(b) for b in args.batches.split(",")):
-        prompt = rng.integers(0, m.vocab_size - 1, (B, args.prompt_len)).astype(np.int32)
-        n = args.new_tokens
-        cases = {
-            "ar, KV cache": lambda: generate_lib.generate(rack, prompt, n),
-            "ar, full forward per token": lambda: recompute(prompt, n),
-            "diffusion, 1 step per token": lambda: diffusion_generate(rack, prompt, n, mask_id,
-                                                                      steps=n),
-        }
-        for name, fn in cases.items():
-            first, best = best_time(fn, args.repeats)
-            rows.append({"method": name, "batch": B, "prompt_len": args.prompt_len,
-                         "new_tokens": n, "first_call_s": round(first, 3),
-                         "best_s": round(best, 4), "tokens_per_s": round(B * n / best, 1)})
-            print(f"{name:<30} B={B:<3} first call {first:7.2f} s   best {best:8.4f} s   "
-                  f"{B * n / best:9.1f} tokens/s", flush=True)
+    for kind, rack, mask_id, source in racks(args.workdir, attentions):
+        m = rack.config
+        rng = np.random.default_rng(0)
+        recompute = full_recompute(rack)
+        for B in (int(b) for b in args.batches.split(",")):
+            prompt = rng.integers(0, m.vocab_size - 1, (B, args.prompt_len)).astype(np.int32)
+            n = args.new_tokens
+            cases = {
+                "cache": (CACHE_NAMES[kind], lambda: generate_lib.generate(rack, prompt, n)),
+                "full": ("ar, full forward per token", lambda: recompute(prompt, n)),
+                "diffusion": ("diffusion, 1 step per token",
+                              lambda: diffusion_generate(rack, prompt, n, mask_id, steps=n)),
+            }
+            for method in methods:
+                name, fn = cases[method]
+                first, best = best_time(fn, args.repeats)
+                rows.append({"attention": kind, "model": source, "method": name, "batch": B,
+                             "prompt_len": args.prompt_len, "new_tokens": n,
+                             "first_call_s": round(first, 3), "best_s": round(best, 4),
+                             "tokens_per_s": round(B * n / best, 1)})
+                print(f"{kind:<7}{name:<30} B={B:<3} first call {first:7.2f} s   best "
+                      f"{best:8.4f} s   {B * n / best:9.1f} tokens/s", flush=True)
 
     cache, state = cache_table()
 
     report = {"command": "python scripts/bench_generate.py " + " ".join(argv or sys.argv[1:]),
-              "model": source, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "jax": jax.__version__, "backend": jax.default_backend(),
-              "speed": rows, "cache_bytes_per_token": cache,
+              "model": sorted({r["model"] for r in rows}),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "load_average": {"before": load_before, "after": os.getloadavg()}, "jax": jax.__version__,
+              "backend": jax.default_backend(), "speed": rows, "cache_bytes_per_token": cache,
               "linear_state_bytes": state}
     checkpoint.atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")

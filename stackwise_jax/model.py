@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from stackwise_jax import lora, nf4_matmul, quant
@@ -37,11 +38,18 @@ class RMSNorm(nnx.Module):
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float):
-    """cos, sin of shape (L, E) in HF Llama's layout: the two halves repeat the freqs."""
-    inv_freq_E2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs_LxE2 = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq_E2[None, :]
-    emb_LxE = jnp.concatenate([freqs_LxE2, freqs_LxE2], axis=-1)
-    return jnp.cos(emb_LxE), jnp.sin(emb_LxE)
+    """cos, sin of shape (L, E) in HF Llama's layout: the two halves repeat the freqs.
+
+    Computed on the host and handed to XLA as constants: computed inside a jitted program,
+    the tables are compiled with the program around them, and XLA:CPU compiled them
+    differently for the cached and the recomputing MLA training steps (their gradients
+    then differed in the last bits; tests/test_cache.py). As constants, every program
+    reads the same bits. The angle is rounded to float32 as HF's float32 rotary embedding
+    rounds it; cos and sin of that angle are evaluated in float64 and rounded once."""
+    inv_freq_E2 = (1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+    freqs_LxE2 = np.arange(seq_len, dtype=np.float32)[:, None] * inv_freq_E2[None, :]
+    emb_LxE = np.concatenate([freqs_LxE2, freqs_LxE2], axis=-1).astype(np.float64)
+    return jnp.asarray(np.cos(emb_LxE), jnp.float32), jnp.asarray(np.sin(emb_LxE), jnp.float32)
 
 
 def apply_rope(x_BxLxNxE, cos_LxE, sin_LxE):

@@ -116,7 +116,7 @@ def test_fusion_targets_the_attention_lacks_are_named():
 def test_planner_counts_mla_parameters(corpus_dir):
     """The planner's bytes of a stage that trains one stack (last stage, fp32: that stack,
     final norm and head) and of its frozen trunk equal the model's own parameter counts.
-    (Linear attention has GQA's parameters.)"""
+    (Linear attention has GQA's parameters: test_linear_attention_run_loads_and_plans.)"""
     from conftest import small_config
     from stackwise_jax import plan
 
@@ -127,3 +127,49 @@ def test_planner_counts_mla_parameters(corpus_dir):
         assert row["trainable_params_bytes"] == 4 * (counts["stack_1"] + counts["final_norm"]
                                                      + counts["head"]), kind
         assert row["frozen_params_bytes"] == 4 * (counts["stack_0"] + counts["embed"]), kind
+
+
+def test_linear_attention_run_loads_and_plans(corpus_dir, tmp_path):
+    """model.attention='linear' through the trainer, load_run and the planner. load_run's
+    Rack computes the causal logits of a Rack built from the arrays the stages stored (each
+    group's newest store, read here one by one), and bidirectionally the held-out loss the
+    trainer measured at the end (its Evaluator: stack by stack from the stores). The
+    planner plans the run's largest stage, counting linear attention's parameters."""
+    from conftest import small_config
+    from stackwise_jax import data, evaluate, objective, plan, store, train
+    from stackwise_jax.run import RunParams, load_run, rack_from_params
+
+    cfg = small_config(corpus_dir, **{"model.attention": "linear", "model.linear.chunk_size": 8,
+                                      "model.architecture.blocks_per_stack": 1,
+                                      "training.steps_per_stage": 2, "eval.batches": 1,
+                                      "eval.mask_ratios": (0.5,), "checkpoint.every_steps": 100})
+    wd = str(tmp_path / "run")
+    summary = train.run(cfg, wd, progress=False)
+    loaded = load_run(wd, require_finished=True)
+    stored = {g: store.open_store(wd, g, store.versions(wd, g)[-1]).tree()
+              for g in RunParams(wd).groups()}
+    stored["stacks"] = {k: stored.pop(store.stack_group(k)) for k in range(2)}
+    graphdef, state = nnx.split(loaded.rack)
+    causal = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids, "causal"))
+    ids = np.random.default_rng(0).integers(0, 300, (2, 20)).astype(np.int32)  # 20: 8 + 8 + 4
+    np.testing.assert_array_equal(
+        causal(state, ids), causal(nnx.state(rack_from_params(cfg.model, stored)), ids))
+    # The trainer's held-out loss at ratio 0.5 (same batch, same masks), by the loaded Rack
+    # in one program where the Evaluator ran one per stack: the same float32 operations in
+    # other XLA programs, which may round differently. Each token's cross-entropy then
+    # moves by a few float32 ulps (2^-24 = 6e-8 relative), and each side sums ~60 of them
+    # in float32 (a tree of ~6 levels in XLA, ~6 ulps): 2e-6 relative is ~30 ulps.
+    rows_L = data.prepare(cfg, wd).heldout_rows
+    batch_BxL = data.heldout_batches(rows_L, cfg.data.batch_size, 1)[0]
+    key = jax.random.fold_in(jax.random.key(evaluate.EVAL_SEED), 0)
+    b = objective.prepare_tokens(key, jnp.asarray(batch_BxL), "masked_diffusion",
+                                 (jnp.float32(0.5), jnp.float32(0.5)), loaded.tokenizer.mask_id)
+    ce = objective.token_cross_entropy(loaded.rack(b["inputs"], "bidirectional"), b["targets"])
+    loss = float(jnp.where(b["valid"], ce, 0.0).sum() / b["valid"].sum())
+    assert loss == pytest.approx(summary["heldout_loss"]["0.5"], rel=2e-6)
+    row, = plan.plan(cfg, 10**12, keys=["fp32"])["phases"]
+    assert row["phase"] == "stage 1, frozen trunk resident in fp32" and row["fits"]
+    counts = model.param_counts(cfg.model)
+    assert row["trainable_params_bytes"] == 4 * (counts["stack_1"] + counts["final_norm"]
+                                                 + counts["head"])
+    assert row["frozen_params_bytes"] == 4 * (counts["stack_0"] + counts["embed"])

@@ -191,10 +191,10 @@ def test_random_weights_parity(tmp_path, bpe, model, monkeypatch):
 
 
 def test_rope_theta_is_written_where_the_installed_transformers_reads_it(tmp_path):
-    """transformers 4.x reads `rope_theta`, 5.x `rope_parameters`; the exporter writes the
-    latter, so pyproject requires transformers >= 5.0 (the first release that reads it).
-    The frequencies HF's rotary embedding builds from the written config.json must be the
-    Rack's, at a theta no default would give."""
+    """transformers 4.x reads `rope_theta`, 5.x `rope_parameters`; pyproject requires
+    transformers >= 5.0 (test_transformers_floor runs exports under 5.0.0 itself). With the
+    installed version, the frequencies HF's rotary embedding builds from rope_parameters in
+    a written config.json must be the Rack's, at a theta no default would give."""
     from packaging.version import Version
     with open(os.path.join(ROOT, "pyproject.toml")) as f:
         pin = re.search(r'"transformers>=([0-9.]+)"', f.read()).group(1)
