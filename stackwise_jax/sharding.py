@@ -34,7 +34,7 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from stackwise_jax.errors import UserError
 
@@ -167,9 +167,10 @@ def _is_qtensor(x) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """A mesh and the rules: shardings for parameter trees, optimizer state, batches."""
+    """A mesh and the rules: shardings for parameter trees, optimizer state, batches.
+    The mesh may be abstract (abstract_layout): shardings and shard shapes without devices."""
 
-    mesh: Mesh
+    mesh: Mesh | AbstractMesh
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -222,6 +223,14 @@ class Layout:
         """`tree` placed on the mesh by the rules (a leaf already there is not copied)."""
         return jax.device_put(tree, self.shardings(tree))
 
+    def shard_bytes(self, tree) -> int:
+        """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs, QTensors
+        included), the largest shard where shards differ."""
+        leaves = jax.tree.leaves(tree)
+        shardings = jax.tree.leaves(self.shardings(tree))
+        return sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                   for x, s in zip(leaves, shardings))
+
     def abstract(self, tree):
         """ShapeDtypeStructs of `tree` carrying their target shardings: what Orbax restores
         onto (any mesh shape: each device reads its own part) and what a planner sizes."""
@@ -257,6 +266,13 @@ def _mesh(shape: tuple, devices: tuple) -> Mesh:
     # defaults to Explicit axes, where every op's output sharding is part of its type).
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES),
                          devices=list(devices))
+
+
+def abstract_layout(sizes: dict) -> Layout:
+    """A Layout over an abstract mesh {data, fsdp, tensor}: the shardings and per-device
+    bytes of a mesh this process does not have (a planner sizing a larger machine)."""
+    return Layout(AbstractMesh(tuple(sizes[a] for a in AXES), AXES,
+                               axis_types=(AxisType.Auto,) * len(AXES)))
 
 
 def from_config(cfg, devices=None) -> Layout:
