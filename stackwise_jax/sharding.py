@@ -76,7 +76,13 @@ def mesh_shape(cfg, n_devices: int) -> dict[str, int]:
         raise UserError(f"{given} = {fixed} devices, but there are {n_devices}: the product of "
                         "the mesh axes must be the device count (set one axis to -1 to take "
                         "what the others leave)")
-    check_divisible(cfg, sizes)
+    try:
+        check_divisible(cfg, sizes)
+    except UserError as e:
+        if not free:
+            raise
+        raise UserError(f"{e} (mesh.{free[0]}=-1 took the {sizes[free[0]]} devices the other "
+                        f"axes leave of {n_devices})") from None
     return sizes
 
 

@@ -24,6 +24,13 @@ def with_mesh(cfg, data, fsdp, tensor):
     return cfg
 
 
+def defaults_with(**model):
+    c = config.defaults()
+    for k, v in model.items():
+        c.model[k] = v
+    return c
+
+
 # ----------------------------------------------------------------------- bad meshes
 
 
@@ -39,13 +46,10 @@ def test_mesh_sizes_resolve_against_the_device_count():
         sharding.mesh_shape(with_mesh(config.defaults(), -1, 3, 1), 8)
     with pytest.raises(UserError, match=r"mesh.data=-1 and mesh.tensor=-1: at most one"):
         sharding.mesh_shape(with_mesh(config.defaults(), -1, 1, -1), 8)
-
-
-def small_config_like(**model):
-    c = config.defaults()
-    for k, v in model.items():
-        c.model[k] = v
-    return c
+    # The default on a machine whose device count does not divide the batch: says what -1 took.
+    with pytest.raises(UserError, match=r"data\.batch_size=16 is not divisible by .* = 3: .*"
+                                        r"\(mesh\.data=-1 took the 3 devices"):
+        sharding.mesh_shape(config.defaults(), 3)
 
 
 def test_indivisible_dimensions_are_named():
@@ -132,7 +136,7 @@ def test_quantised_trunks_are_split_where_their_codes_allow():
     nf4 = layout.shardings(resident.abstract_trunk(cfg, 2, "nf4"))["attn"]["q_proj"]["kernel"]
     assert tuple(nf4.data.spec) == tuple(nf4.scale.spec) == (None, ("fsdp", "tensor"))
     # 64 x 3 = 192 weights: three nf4 blocks do not split over 8 devices: replicated.
-    small = small_config_like(d_model=64, n_heads=1, n_kv_heads=1, d_ff=3)
+    small = defaults_with(d_model=64, n_heads=1, n_kv_heads=1, d_ff=3)
     odd = layout.shardings(resident.abstract_trunk(small, 1, "nf4"))["mlp"]["up_proj"]["kernel"]
     assert tuple(odd.data.spec) == (None, None)
 
