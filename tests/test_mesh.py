@@ -189,6 +189,9 @@ def test_progressive_runs_on_8_devices_match_one_device(tmp_path):
     # rounding of each update, which can land one float32 ulp apart per step: at most 8
     # steps per parameter (the head trains in both 4-step stages), and every parameter
     # is below 2 in magnitude (checked), where an ulp is 2^-23. Tolerance: 8 x 2^-23.
+    # (The exception, an element whose gradient cancels to near Adam's eps, matters most
+    # on the first step of fresh moments, which here runs at learning rate 0: warmup.
+    # docs/scale_out.md measures a phase where it does not: block fusion's later turns.)
     reference = mesh_exactness.final_params(str(tmp_path / "one_device"), 2)
     assert max(float(np.abs(v).max()) for v in reference.values()) < 2.0
     tolerance = 8 * 2.0**-23
