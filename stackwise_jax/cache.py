@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stackwise_jax import cache_store, memory, objective, resident
+from stackwise_jax import cache_store, memory, objective, resident, sharding
 from stackwise_jax.errors import UserError
 from stackwise_jax.resident import Template, compute_dtype
 
@@ -80,10 +80,11 @@ def fixed_masks(seed: int, first_row: int, ids_BxL, views: int, t_range, mask_id
 
 
 def _encode(hidden_BxLxD, dtype: str) -> dict:
+    hidden_BxLxD = sharding.to_host(hidden_BxLxD).astype(np.float32, copy=False)
     if dtype == "fp8":
-        q, scale = cache_store.quantize_fp8(np.asarray(hidden_BxLxD, np.float32))
+        q, scale = cache_store.quantize_fp8(hidden_BxLxD)
         return {"hidden": q, "hidden_scale": scale}
-    return {"hidden": np.asarray(hidden_BxLxD, np.float32)}
+    return {"hidden": hidden_BxLxD}
 
 
 def _forwards(cfg):
@@ -102,9 +103,12 @@ def _forwards(cfg):
 
 
 def build(cfg, workdir: str, stage: int, train_rows, mask_id: int,
-          batch_size: int = BUILD_BATCH) -> cache_store.CacheReader:
+          batch_size: int = BUILD_BATCH, layout=None) -> cache_store.CacheReader:
     """Writes the cache that stage `stage` trains from; returns a reader over it. The
-    embedding and stacks < stage are read from the run's stores."""
+    embedding and stacks < stage are read from the run's stores. layout: the mesh they and
+    the rows are placed on (sharding.Layout); the hidden states are gathered to the host
+    for writing, one build batch at a time."""
+    put = jnp.asarray if layout is None else layout.put_batch
     p = cfg.training.progressive
     spec = spec_for(cfg, len(train_rows))
     target = cache_dir(workdir, stage)
@@ -124,26 +128,27 @@ def build(cfg, workdir: str, stage: int, train_rows, mask_id: int,
         if incremental:
             reader = cache_store.open_cache(previous, verify=False)
             blocks = resident.stack_resident(cfg, workdir, stage - 1, p.frozen_precision,
-                                             stage, why)
+                                             stage, why, layout)
             for start in range(0, len(reader), batch_size):
                 rows = reader.batch(np.arange(start, min(start + batch_size, len(reader))))
-                hidden = through_blocks(blocks, jnp.asarray(rows["hidden"]))
+                hidden = through_blocks(blocks, put(rows["hidden"]))
                 memory.sample()
                 writer.write({**{k: rows[k] for k in ("inputs", "targets", "masked", "t")},
                               **_encode(hidden, p.cache_dtype)})
         else:
-            embed = resident.load_group(workdir, "embed", stage, compute_dtype(cfg), why)
+            embed = resident.load_group(workdir, "embed", stage, compute_dtype(cfg), why, layout)
             trunk = resident.assemble_trunk(cfg, workdir, tuple(range(stage)),
-                                            p.frozen_precision, stage, why)
+                                            p.frozen_precision, stage, why, layout)
             for start in range(0, len(train_rows), batch_size):
-                ids = jnp.asarray(train_rows[start:start + batch_size])
+                ids = put(np.asarray(train_rows[start:start + batch_size]))
                 inputs, masked, t = fixed_masks(cfg.training.seed, start, ids, p.cache_views,
                                                 t_range, mask_id)
                 hidden = through_trunk(embed, trunk, inputs)
                 memory.sample()
-                writer.write({"inputs": np.asarray(inputs), "masked": np.asarray(masked),
-                              "t": np.asarray(t, np.float32),
-                              "targets": np.repeat(np.asarray(ids), p.cache_views, axis=0),
+                host = sharding.to_host
+                writer.write({"inputs": host(inputs), "masked": host(masked),
+                              "t": host(t).astype(np.float32, copy=False),
+                              "targets": np.repeat(host(ids), p.cache_views, axis=0),
                               **_encode(hidden, p.cache_dtype)})
     if not p.keep_previous_cache and os.path.isdir(previous):
         cache_store.delete_cache(previous)
@@ -159,7 +164,7 @@ def _is_complete(directory: str, spec) -> bool:
 
 
 def open_or_build(cfg, workdir: str, stage: int, train_rows, mask_id: int,
-                  rebuild: bool) -> cache_store.CacheReader:
+                  rebuild: bool, layout=None) -> cache_store.CacheReader:
     """The stage's cache: reused when complete and intact, else (or with rebuild) built."""
     target = cache_dir(workdir, stage)
     spec = spec_for(cfg, len(train_rows))
@@ -167,4 +172,4 @@ def open_or_build(cfg, workdir: str, stage: int, train_rows, mask_id: int,
         cache_store.delete_cache(target)
     elif os.path.isdir(target):
         return cache_store.open_cache(target, verify=True, expect=spec)  # names a bad shard
-    return build(cfg, workdir, stage, train_rows, mask_id)
+    return build(cfg, workdir, stage, train_rows, mask_id, layout=layout)

@@ -111,6 +111,8 @@ _NOT_A_RUN = (LOCK_NAME,)
 
 def check_workdir(workdir: str, cfg) -> bool:
     """True when `workdir` holds a run of this exact config, False when it is new or empty.
+    The mesh keys may differ: a run resumes on another mesh shape (config.json keeps the
+    mesh it started on).
 
     Raises UserError, writing nothing, when it holds a different config or other files.
     """
@@ -119,7 +121,8 @@ def check_workdir(workdir: str, cfg) -> bool:
         with open(path) as f:
             old = config_lib._flat(config_from_json(f.read()))
         new = config_lib._flat(cfg)
-        changed = sorted(k for k in new if list(_aslist(old.get(k))) != list(_aslist(new[k])))
+        changed = sorted(k for k in new if k not in config_lib.MESH_KEYS
+                         and list(_aslist(old.get(k))) != list(_aslist(new[k])))
         if changed:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed[:4])
             raise UserError(f"--workdir={workdir} holds a run with a different config: "

@@ -151,6 +151,14 @@ def defaults() -> ml_collections.ConfigDict:
     # summary.json, spread evenly over the whole held-out split; 0: every held-out row.
     c.eval.batches = 8
     c.eval.mask_ratios = (0.15, 0.5, 0.9)
+
+    # The device mesh (stackwise_jax/sharding.py): the product of the axes is the number of
+    # devices; one axis may be -1, taking what the others leave. The default puts every
+    # device on data (one device: the plain single-device run).
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # batch rows
+    c.mesh.fsdp = 1  # batch rows, and the d_model side of every parameter matrix
+    c.mesh.tensor = 1  # Megatron: heads, d_ff and vocabulary split over devices
     return c
 
 
@@ -278,6 +286,7 @@ def _positive_int(value, key):
         raise UserError(f"{key}={value!r} must be a positive integer")
 
 
+MESH_KEYS = ("mesh.data", "mesh.fsdp", "mesh.tensor")  # -1: the devices the others leave
 SEED_LIMIT = 2**31  # grain takes seeds in [0, 2**32); data.seed + phase index stays below
 
 
@@ -302,7 +311,10 @@ def check_types(cfg) -> None:
             kind = "an integer" if isinstance(like, int) else "a finite number"
             if not _number_ok(value, like):
                 raise UserError(f"{key}={value!r} must be {kind}")
-            if isinstance(like, int) and value < 0:
+            if key in MESH_KEYS and value < 1 and value != -1:
+                raise UserError(f"{key}={value!r} must be a positive integer, or -1 for the "
+                                "devices the other mesh axes leave")
+            if isinstance(like, int) and value < 0 and key not in MESH_KEYS:
                 raise UserError(f"{key}={value!r} must be an integer >= 0")
             if key.endswith(".seed") and value >= SEED_LIMIT:
                 raise UserError(f"{key}={value!r} must be below 2**31")
@@ -445,6 +457,17 @@ def validate(cfg) -> None:
         raise UserError(f"eval.batches={b!r} must be an integer >= 0 (0: every held-out row)")
     if not cfg.eval.mask_ratios or not all(0.0 < r <= 1.0 for r in cfg.eval.mask_ratios):
         raise UserError(f"eval.mask_ratios={cfg.eval.mask_ratios} must be ratios in (0, 1]")
+    _validate_mesh(cfg)
+
+
+def _validate_mesh(cfg) -> None:
+    """What the mesh keys say without a device count: sizes, and the dimensions the fixed
+    axes split. The device count is checked when the run starts (sharding.mesh_shape)."""
+    from stackwise_jax import sharding
+
+    sizes = {a: cfg.mesh[a] for a in sharding.AXES}
+    sharding.check_sizes(sizes)
+    sharding.check_divisible(cfg, sizes)
 
 
 def _validate_attention(m) -> None:

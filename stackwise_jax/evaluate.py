@@ -46,10 +46,12 @@ def batches_held(cfg) -> int:
 
 class Evaluator:
     """Compiled once per run (once per batch shape); `sums` and `losses` evaluate whatever
-    the stores hold."""
+    the stores hold. layout (sharding.Layout): the mesh the stacks and batches are placed
+    on, as in training; None: the default device."""
 
-    def __init__(self, cfg, run_dir: str, heldout_batches, mask_id: int):
+    def __init__(self, cfg, run_dir: str, heldout_batches, mask_id: int, layout=None):
         self.cfg, self.run_dir, self.mask_id = cfg, run_dir, mask_id
+        self.layout = layout
         self.batches = [np.asarray(b, np.int32) for b in heldout_batches]
         self.dtype = compute_dtype(cfg)
         self.template = Template(cfg.model, 0)
@@ -80,7 +82,8 @@ class Evaluator:
     def _top(self, max_version: int) -> dict:
         groups = [g for g in store.TOP_GROUPS
                   if not (g == "head" and self.cfg.model.tie_embeddings)]
-        return {g: resident.load_group(self.run_dir, g, max_version, self.dtype, "evaluation")
+        return {g: resident.load_group(self.run_dir, g, max_version, self.dtype, "evaluation",
+                                       self.layout)
                 for g in groups}
 
     def sums(self, n_stacks: int, max_version: int, streams, hidden_bytes: int | None = None,
@@ -100,7 +103,8 @@ class Evaluator:
         for group in groups:
             live = []  # [name, causal, prepared batch, hidden]
             for i in group:
-                ids = jnp.asarray(self.batches[i])
+                ids = (jnp.asarray(self.batches[i]) if self.layout is None
+                       else self.layout.put_batch(self.batches[i]))
                 key = jax.random.fold_in(jax.random.key(EVAL_SEED), i)
                 for name, ratio in streams:
                     if ratio is None:
@@ -112,7 +116,7 @@ class Evaluator:
             memory.sample()
             for k in range(n_stacks):
                 blocks = resident.stack_resident(self.cfg, self.run_dir, k, fmt, max_version,
-                                                 "evaluation")
+                                                 "evaluation", self.layout)
                 for s in live:
                     s[3] = self._run_stack(top, blocks, s[3], causal=s[1])
                 memory.sample()

@@ -12,6 +12,11 @@
   the float32 trunk never exists and the trunk and its parts are never live together.
 
 `Template` turns the trainable and frozen trees back into a Rack inside the jitted step.
+
+Every function that puts arrays on devices takes an optional `layout` (sharding.Layout):
+with one, each array goes straight to its shards on the mesh (a stored array is copied
+from the host to its shards, a trunk slot is born sharded); without one, to the default
+device as on a single device.
 """
 
 from __future__ import annotations
@@ -119,37 +124,48 @@ def abstract_top(cfg) -> dict:
 # ----------------------------------------------------------------------------- loaded
 
 
-def _to_device(tree, dtype):
-    def put(x):
+def _to_device(tree, dtype, shardings=None):
+    def put(x, sharding=None):
         host = np.asarray(x)
         host = host.astype(ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else dtype, copy=False)
-        out = jax.device_put(host)
+        out = jax.device_put(host, sharding)
         memory.sample()
         return out
 
-    return jax.tree.map(put, tree)
+    if shardings is None:
+        return jax.tree.map(put, tree)
+    return jax.tree.map(put, tree, shardings)
 
 
-def load_group(run_dir: str, group: str, max_version: int, dtype=jnp.float32, why: str = ""):
+def load_group(run_dir: str, group: str, max_version: int, dtype=jnp.float32, why: str = "",
+               layout=None):
     """The newest stored version <= max_version of `group`, on the device in `dtype`."""
     s = store.require(run_dir, group, max_version, why or "this phase")
-    return _to_device(s.tree(), dtype)
+    tree = s.tree()
+    # The rules read a leaf's module name: the group's own name is its first key.
+    shardings = None if layout is None else layout.shardings({group: tree})[group]
+    return _to_device(tree, dtype, shardings)
+
+
+def place(tree, layout):
+    """`tree` on the mesh by the layout's rules; as it is without a layout."""
+    return tree if layout is None else layout.put(tree)
 
 
 def group_available(run_dir: str, group: str, max_version: int) -> bool:
     return store.newest(run_dir, group, max_version) is not None
 
 
-def trainable_at_start(cfg, run_dir: str, phase: Phase, trunk=None) -> dict:
+def trainable_at_start(cfg, run_dir: str, phase: Phase, trunk=None, layout=None) -> dict:
     """What `phase` trains, as it is at its first step: loaded where an earlier phase (or
     an import) stored it, born otherwise. Fusion: fresh adapters over `trunk`."""
     if phase.adapters:
-        return {"adapters": init_adapters(cfg, trunk)}
+        return {"adapters": place(init_adapters(cfg, trunk), layout)}
     out: dict = {}
     top = None
     for g in sorted(phase.train_top):
         if group_available(run_dir, g, phase.index) or phase.index > 0:  # born with stage 0
-            out[g] = load_group(run_dir, g, phase.index, why=phase.name)
+            out[g] = load_group(run_dir, g, phase.index, why=phase.name, layout=layout)
         else:
             top = init_top(cfg) if top is None else top
             out[g] = top[g]
@@ -160,31 +176,32 @@ def trainable_at_start(cfg, run_dir: str, phase: Phase, trunk=None) -> dict:
         # Stored by an earlier phase (a growing trunk's older stacks, block fusion, an
         # import), else born: from its own key, or as a copy of the stack below it.
         if group_available(run_dir, group, phase.index):
-            stacks[i] = load_group(run_dir, group, phase.index)
+            stacks[i] = load_group(run_dir, group, phase.index, layout=layout)
         elif phase.kind != "stage" or k < phase.index:
             store.require(run_dir, group, phase.index, phase.name)  # raises, naming the stack
         elif copy and k > 0:
             stacks[i] = load_group(run_dir, store.stack_group(k - 1), phase.index,
-                                   why=f"{phase.name} (new_stack_init='copy')")
+                                   why=f"{phase.name} (new_stack_init='copy')", layout=layout)
         else:
             stacks[i] = init_stack(cfg, k)
+        stacks[i] = place(stacks[i], layout)  # one stack at a time
         memory.sample()
     if stacks:
         out["stacks"] = stacks
     del top
-    return out
+    return place(out, layout)  # born top groups; what is placed already stays
 
 
-def frozen_top(cfg, run_dir: str, phase: Phase) -> dict:
+def frozen_top(cfg, run_dir: str, phase: Phase, layout=None) -> dict:
     """The frozen top groups the phase needs, in the compute dtype; born at stage 0."""
     dtype = compute_dtype(cfg)
     needed = [g for g in sorted(phase.frozen_top) if g != "embed" or phase.needs_embedding]
     out = {}
     for g in needed:
         if group_available(run_dir, g, phase.index):
-            out[g] = load_group(run_dir, g, phase.index, dtype, phase.name)
+            out[g] = load_group(run_dir, g, phase.index, dtype, phase.name, layout)
         elif phase.index == 0:
-            out[g] = cast_floats(init_top(cfg)[g], dtype)
+            out[g] = place({g: cast_floats(init_top(cfg)[g], dtype)}, layout)[g]
         else:
             store.require(run_dir, g, phase.index, phase.name)  # raises, naming the group
     return out
@@ -201,11 +218,20 @@ def _resident_leaf(name: str, leaf, fmt: str):
     return quant.quantize(x, fmt)
 
 
-@functools.partial(jax.jit, static_argnames=("name", "fmt"), donate_argnums=(0,))
-def _fill(trunk_leaf, stored_leaf, offset, name: str, fmt: str):
+def _fill_leaf(trunk_leaf, stored_leaf, offset, name: str, fmt: str):
     piece = _resident_leaf(name, stored_leaf, fmt)
     return jax.tree.map(lambda t, p: jax.lax.dynamic_update_slice_in_dim(t, p, offset, axis=0),
                         trunk_leaf, piece)
+
+
+_fill = jax.jit(_fill_leaf, static_argnames=("name", "fmt"), donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_fill(name: str, fmt: str, out_sharding):
+    """_fill whose result keeps the trunk slot's sharding (the donated buffer's)."""
+    return jax.jit(functools.partial(_fill_leaf, name=name, fmt=fmt), donate_argnums=(0,),
+                   out_shardings=out_sharding)
 
 
 def abstract_trunk(cfg, n_stacks: int, fmt: str) -> dict:
@@ -220,39 +246,54 @@ def abstract_trunk(cfg, n_stacks: int, fmt: str) -> dict:
     return store.unflatten(out)
 
 
-def assemble_trunk(cfg, run_dir: str, stacks, fmt: str, max_version: int, why: str) -> dict:
-    """The frozen stacks `stacks`, concatenated on the block axis, in resident format `fmt`."""
+def assemble_trunk(cfg, run_dir: str, stacks, fmt: str, max_version: int, why: str,
+                   layout=None) -> dict:
+    """The frozen stacks `stacks`, concatenated on the block axis, in resident format `fmt`.
+    With a layout, each slot is born sharded and each stored array goes to the shards of
+    its dense layout before it is converted: no device ever holds a whole trunk array."""
     bps = cfg.model.architecture.blocks_per_stack
     abstract = store.flatten(abstract_trunk(cfg, len(stacks), fmt))
-    trunk = {name: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), leaf)
-             for name, leaf in abstract.items()}
+    slots = dense = None
+    if layout is not None:
+        slots = layout.shardings(abstract_trunk(cfg, len(stacks), fmt))
+        slots = store.flatten(slots)
+        dense = store.flatten(layout.shardings(abstract_stack(cfg)["blocks"]))
+    trunk = {name: jax.tree.map(
+        lambda a, s=None: jnp.zeros(a.shape, a.dtype, device=s), leaf,
+        *(() if slots is None else (slots[name],)))
+        for name, leaf in abstract.items()}
     memory.sample()
     for j, k in enumerate(stacks):
         stored = store.require(run_dir, store.stack_group(k), max_version, why)
         for name in trunk:
-            leaf = jax.device_put(stored.read("blocks." + name))
+            leaf = jax.device_put(stored.read("blocks." + name),
+                                  None if dense is None else dense[name])
             memory.sample()
-            trunk[name] = _fill(trunk[name], leaf, j * bps, name=name, fmt=fmt)
+            if layout is None:
+                trunk[name] = _fill(trunk[name], leaf, j * bps, name=name, fmt=fmt)
+            else:
+                trunk[name] = _sharded_fill(name, fmt, slots[name])(trunk[name], leaf, j * bps)
             del leaf
         memory.sample()
     return store.unflatten(trunk)
 
 
-def frozen_state(cfg, run_dir: str, phase: Phase) -> dict:
+def frozen_state(cfg, run_dir: str, phase: Phase, layout=None) -> dict:
     """Everything frozen the phase holds: top groups and the frozen stacks below (trunk)
     and above (upper) the trained ones, where it has them."""
-    out = frozen_top(cfg, run_dir, phase)
+    out = frozen_top(cfg, run_dir, phase, layout)
     for name, stacks in (("trunk", phase.trunk_stacks), ("upper", phase.upper_stacks)):
         if stacks:
             out[name] = assemble_trunk(cfg, run_dir, stacks, phase.trunk_format, phase.index,
-                                       phase.name)
+                                       phase.name, layout)
     return out
 
 
-def stack_resident(cfg, run_dir: str, k: int, fmt: str, max_version: int, why: str) -> dict:
+def stack_resident(cfg, run_dir: str, k: int, fmt: str, max_version: int, why: str,
+                   layout=None) -> dict:
     """One stored stack in resident format (a trunk of one stack): for stack-by-stack
     evaluation and incremental cache builds."""
-    return assemble_trunk(cfg, run_dir, (k,), fmt, max_version, why)
+    return assemble_trunk(cfg, run_dir, (k,), fmt, max_version, why, layout)
 
 
 # ----------------------------------------------------------------------------- stored

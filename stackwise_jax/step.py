@@ -84,11 +84,21 @@ def make_prepare(phase: Phase, mask_id: int):
                                                      phase.mask_range, mask_id)
 
 
-def make_train_step(loss_sum, prepare, tx, weighting: str, accum: int):
+def make_train_step(loss_sum, prepare, tx, weighting: str, accum: int, layout=None,
+                    state_shardings=None):
     """step(trainable, frozen, opt_state, batch, key) -> (trainable, opt_state, loss, finite).
-    trainable and opt_state are donated: updated in place."""
+    trainable and opt_state are donated: updated in place.
 
-    @functools.partial(jax.jit, donate_argnums=(0, 2))
+    On a mesh (layout, a sharding.Layout), state_shardings = (trainable's, opt_state's)
+    pins the updated state to the layout its inputs came in, so every step sees the same
+    shardings (one compilation) and the donated buffers are reused; everything in between
+    is left to jit's SPMD partitioner."""
+    out_shardings = None
+    if state_shardings is not None:
+        scalar = layout.replicated()
+        out_shardings = (*state_shardings, scalar, scalar)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 2), out_shardings=out_shardings)
     def train_step(trainable, frozen, opt_state, batch, key):
         batch = prepare(batch, key)
         denominator = objective.loss_denominator(batch, weighting)
@@ -109,6 +119,9 @@ def make_train_step(loss_sum, prepare, tx, weighting: str, accum: int):
             loss, grads, finite = grad_fn(trainable, batch)
         else:
             micro = jax.tree.map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
+            if layout is not None:  # each micro-batch split by rows, as the whole batch is
+                micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+                    x, _micro_sharding(layout, x)), micro)
 
             def body(carry, one):
                 loss, grads, finite = carry
@@ -125,11 +138,19 @@ def make_train_step(loss_sum, prepare, tx, weighting: str, accum: int):
     return train_step
 
 
-def build(cfg, phase: Phase, tx, mask_id: int):
-    """The jitted train step of `phase`, and its Template."""
+def _micro_sharding(layout, x_AxBx):
+    """Micro-batches (accum, B, ...): rows B over the batch axes, accum whole per device."""
+    rows = layout.batch_sharding(x_AxBx.shape[1], x_AxBx.ndim - 1).spec
+    return layout.named(jax.sharding.PartitionSpec(None, *rows))
+
+
+def build(cfg, phase: Phase, tx, mask_id: int, layout=None, state_shardings=None):
+    """The jitted train step of `phase`, and its Template (layout, state_shardings: see
+    make_train_step)."""
     template = Template(cfg.model, phase.n_local_stacks)
     step = make_train_step(make_loss_sum(cfg, phase, template), make_prepare(phase, mask_id), tx,
-                           weighting_of(cfg, phase), cfg.training.grad_accum_steps)
+                           weighting_of(cfg, phase), cfg.training.grad_accum_steps, layout,
+                           state_shardings)
     return step, template
 
 

@@ -34,7 +34,7 @@ import shutil
 import ml_dtypes
 import numpy as np
 
-from stackwise_jax import faults
+from stackwise_jax import faults, sharding
 from stackwise_jax.checkpoint import atomic_write_text, disk_usage, fsync_dir
 from stackwise_jax.errors import UserError
 
@@ -126,7 +126,12 @@ def _write_leaves(partial: str, flat: dict, dtype: str) -> dict:
     os.makedirs(partial)
     leaves = {}
     for name, value in flat.items():
-        array = np.asarray(value)
+        # A sharded array is gathered whole to the host here: one array at a time, so the
+        # host holds one leaf (at 70B, one stacked kernel: about 1 GiB per block in
+        # float32), and every device's shard crosses to host memory once. Fine at the
+        # scale this writes (one stack per phase); a per-shard writer (each process its
+        # own shards, as Orbax does) would avoid the gather.
+        array = sharding.to_host(value)
         if dtype == "bf16":
             array = array.astype(ml_dtypes.bfloat16).view(np.uint16)
         else:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from stackwise_jax import cache, checkpoint, data, evaluate, faults, memory, optim, phases
 from stackwise_jax import config as config_lib
 from stackwise_jax import plan as plan_lib
-from stackwise_jax import resident, step as step_lib, store, workdir_lock
+from stackwise_jax import resident, sharding, step as step_lib, store, workdir_lock
 from stackwise_jax.errors import UserError
 from stackwise_jax.model import param_counts
 from stackwise_jax.phases import Phase
@@ -77,10 +77,13 @@ class OpenPhase:
 
 class Trainer:
     """Opens and finishes phases; holds what lives across them (compiled steps, the
-    token iterator, the evaluator)."""
+    token iterator, the evaluator) and the device mesh everything is placed on (layout:
+    parameters and optimizer state by sharding.py's rules, batches by rows)."""
 
-    def __init__(self, cfg, workdir: str, prepared, rebuild_cache: bool):
+    def __init__(self, cfg, workdir: str, prepared, rebuild_cache: bool,
+                 layout: sharding.Layout | None = None):
         self.cfg, self.workdir, self.prepared = cfg, workdir, prepared
+        self.layout = layout or sharding.from_config(cfg)
         self.rebuild_cache = rebuild_cache
         self.mask_id = prepared.tokenizer.mask_id
         t = cfg.training
@@ -92,7 +95,7 @@ class Trainer:
                                                 cfg.data.seed)
         heldout = data.heldout_batches(prepared.heldout_rows, cfg.data.batch_size,
                                        cfg.eval.batches)
-        self.evaluator = evaluate.Evaluator(cfg, workdir, heldout, self.mask_id)
+        self.evaluator = evaluate.Evaluator(cfg, workdir, heldout, self.mask_id, self.layout)
         self.heldout = heldout
 
     def tx(self, phase: Phase):
@@ -104,35 +107,41 @@ class Trainer:
     def step_for(self, phase: Phase):
         key = step_signature(phase)
         if key not in self.steps:
-            self.steps[key] = step_lib.build(self.cfg, phase, self.tx(phase), self.mask_id)[0]
+            shardings = self.layout.shardings(self.abstract_state(phase))
+            self.steps[key] = step_lib.build(self.cfg, phase, self.tx(phase), self.mask_id,
+                                             self.layout, shardings)[0]
         return self.steps[key]
 
     def abstract_state(self, phase: Phase):
+        """Shapes of (trainable, opt_state), each carrying its sharding on this mesh: what
+        a checkpoint restores onto, whatever mesh it was saved from."""
         trainable = resident.abstract_trainable(self.cfg, phase)
         opt = jax.eval_shape(lambda tr: optim.init_state(self.tx(phase), tr, self.cfg.training),
                              trainable)
-        return trainable, opt
+        return self.layout.abstract((trainable, opt))
 
     def open(self, phase: Phase, restored, data_state: dict, step: int) -> OpenPhase:
         """restored: (trainable, opt_state) from a mid-phase checkpoint, or None."""
         cfg = self.cfg
         memory.start_phase()
-        frozen = resident.frozen_state(cfg, self.workdir, phase)
+        layout = self.layout
+        frozen = resident.frozen_state(cfg, self.workdir, phase, layout)
         start = time.perf_counter()
         batches = self.token_batches
         if phase.inputs == "cache":
             reader = cache.open_or_build(cfg, self.workdir, phase.index, self.prepared.train_rows,
-                                         self.mask_id, self.rebuild_cache)
+                                         self.mask_id, self.rebuild_cache, layout)
             self.rebuild_cache = False  # once, for the stage the run resumes in
             batches = data.train_batches(reader, self.rows_per_step, cfg.data.seed + phase.index)
             if data_state.get("cache") and step > 0:
                 batches.set_state(data_state["cache"])
         cache_s = time.perf_counter() - start if phase.inputs == "cache" else 0.0
-        if restored is not None:
-            trainable, opt_state = jax.tree.map(jnp.asarray, restored)
+        if restored is not None:  # restored onto this mesh already (abstract_state)
+            trainable, opt_state = layout.put(jax.tree.map(jnp.asarray, restored))
         else:
-            trainable = resident.trainable_at_start(cfg, self.workdir, phase, frozen.get("trunk"))
-            opt_state = optim.init_state(self.tx(phase), trainable, cfg.training)
+            trainable = resident.trainable_at_start(cfg, self.workdir, phase, frozen.get("trunk"),
+                                                    layout)
+            opt_state = layout.put(optim.init_state(self.tx(phase), trainable, cfg.training))
         memory.sample()
         return OpenPhase(phase, trainable, frozen, opt_state, self.step_for(phase), batches,
                          cache_s)
@@ -247,7 +256,8 @@ class _Interrupt:
 
 
 def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
-        rebuild_cache: bool = False, device_memory: int | str | None = "auto") -> dict:
+        rebuild_cache: bool = False, device_memory: int | str | None = "auto",
+        devices=None) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the summary once every phase is done.
 
     max_steps: stop after this many steps in this call (a checkpoint is saved), for
@@ -256,8 +266,11 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
     device_memory: bytes the preflight check plans against before anything is written;
     "auto": the device's own limit where it reports one (GPU, TPU; the CPU does not, and
     is not checked); None: no check.
+    devices: the devices the mesh (config mesh.*) spans; default every device. A resumed
+    run may use another mesh shape than the one it was saved on.
     """
     config_lib.validate(cfg)
+    layout = sharding.from_config(cfg, devices)  # the device count: refused before any write
     workdir_lock.check_path(workdir)  # a file where a directory should be: refused, untouched
     checkpoint.check_workdir(workdir, cfg)  # a foreign workdir is refused first, untouched
     data.corpus_files(cfg.data)  # a bad glob fails before anything is written
@@ -274,19 +287,20 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
                   f"{device_memory / 2**30:.2f} GiB")
     lock = workdir_lock.acquire(workdir)  # one process per workdir; the first write
     try:
-        return _run_locked(cfg, workdir, max_steps, progress, rebuild_cache)
+        return _run_locked(cfg, workdir, max_steps, progress, rebuild_cache, layout)
     finally:
         lock.release()
 
 
-def _run_locked(cfg, workdir: str, max_steps, progress: bool, rebuild_cache: bool) -> dict:
+def _run_locked(cfg, workdir: str, max_steps, progress: bool, rebuild_cache: bool,
+                layout: sharding.Layout) -> dict:
     """run() under the workdir lock. Nothing lands in the workdir (config.json, tokenizer/)
     until the corpus, the tokenizer and the rows have all passed their checks, so a start
     that fails leaves the workdir as it found it and the corrected command runs there."""
     summary_path = os.path.join(workdir, "summary.json")
     prepared = data.prepare(cfg, workdir, save_tokenizer=False)
     plan_lib.check_disk(cfg, workdir, len(prepared.train_rows))  # raises, naming the bytes
-    trainer = Trainer(cfg, workdir, prepared, rebuild_cache)
+    trainer = Trainer(cfg, workdir, prepared, rebuild_cache, layout)
     all_phases = phases.all_phases(cfg)
     data_stats = data.describe(cfg, prepared, all_phases)  # prints it, with any warnings
     checkpoint.claim_workdir(workdir, cfg)  # inputs known good: the run starts here
@@ -450,7 +464,7 @@ class _Loop:
                     self.save(run)
                     self.raise_if_interrupted()
                     return False
-                batch = jax.tree.map(jnp.asarray, next(run.batches))
+                batch = self.trainer.layout.put_batch(next(run.batches))
                 key = step_lib.step_key(cfg.training.seed, phase.index, meta["step"])
                 run.trainable, run.opt_state, loss, finite = run.step(
                     run.trainable, run.frozen, run.opt_state, batch, key)

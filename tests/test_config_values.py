@@ -18,6 +18,7 @@ ZERO_ALLOWED = {"model.attention_chunk_size", "training.loss_chunk_size", "train
                 "training.weight_decay", "training.grad_clip_norm",
                 "model.mla.q_lora_rank"}  # 0: a full query projection
 EMPTY_ALLOWED = {"data.files", "data.heldout_files"}
+MINUS_ONE_ALLOWED = set(config.MESH_KEYS)  # -1: the devices the other mesh axes leave
 
 
 def bad_values(key, like):
@@ -25,7 +26,8 @@ def bad_values(key, like):
     if isinstance(like, bool):
         return [("string", "yes"), ("int", 1), ("none", None)]
     if isinstance(like, int):
-        out = [("string", "8"), ("float", 2.5), ("bool", True), ("negative", -1),
+        negative = -2 if key in MINUS_ONE_ALLOWED else -1
+        out = [("string", "8"), ("float", 2.5), ("bool", True), ("negative", negative),
                ("none", None)]
         return out + ([] if key in ZERO_ALLOWED else [("zero", 0)])
     if isinstance(like, float):
