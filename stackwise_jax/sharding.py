@@ -227,7 +227,7 @@ class Layout:
 
     def put(self, tree):
         """`tree` placed on the mesh by the rules (a leaf already there is not copied)."""
-        return jax.device_put(tree, self.shardings(tree))
+        return jax.tree.map(place, tree, self.shardings(tree))
 
     def shard_bytes(self, tree) -> int:
         """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs, QTensors
@@ -267,6 +267,19 @@ class Layout:
                                                           x.shape)
 
         return jax.tree.map(put, tree)
+
+
+def place(x, sharding):
+    """jax.device_put(x, sharding), also where the sharding spans other processes' devices
+    (which device_put refuses for host data): a host array, or an array held whole by this
+    process, the same on every process (the same store, seed or batch), gives each local
+    device its part."""
+    if sharding is None or getattr(sharding, "is_fully_addressable", True):
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, sharding)  # global already: JAX moves it
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def local_rows(sharding: NamedSharding, x: np.ndarray) -> np.ndarray:

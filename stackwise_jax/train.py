@@ -373,8 +373,9 @@ def _run_locked(cfg, workdir: str, max_steps, progress: bool, rebuild_cache: boo
 
     summary = _summarize(cfg, meta, trainer, prepared)
     summary["data"] = data_stats
-    if primary:
-        checkpoint.atomic_write_text(summary_path, json.dumps(summary, indent=2))
+    if not primary:
+        return summary
+    checkpoint.atomic_write_text(summary_path, json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("mode", "heldout_loss", "heldout_causal_loss",
                                               "unigram_loss", "wall_s")}, indent=2))
     return summary
