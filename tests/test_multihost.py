@@ -9,12 +9,10 @@ import sys
 
 import pytest
 
-from conftest import small_config
-from stackwise_jax import distributed, launch, train
+from stackwise_jax import distributed, launch
 from stackwise_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = {"training.steps_per_stage": 3, "checkpoint.every_steps": 2, "eval.batches": 1}
 
 
 def _config_file(corpus_dir, directory, mesh_data=-1):
@@ -22,7 +20,7 @@ def _config_file(corpus_dir, directory, mesh_data=-1):
     with open(path, "w") as f:
         f.write(f"import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
                 "from conftest import small_config\n\n\n"
-                f"def get_config():\n    c = small_config({corpus_dir!r}, **{OVERRIDES!r})\n"
+                f"def get_config():\n    c = small_config({corpus_dir!r})\n"
                 f"    c.mesh.data = {mesh_data}\n    return c\n")
     return path
 
@@ -38,9 +36,13 @@ def _launch(args, timeout=240):
                           env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_processes_reach_the_single_process_result_and_write_once(corpus_dir, tmp_path):
-    single = str(tmp_path / "single")
-    reference = train.run(small_config(corpus_dir, **OVERRIDES), single, progress=False)
+def test_two_processes_reach_the_single_process_result_and_write_once(corpus_dir, tmp_path,
+                                                                      trained_small_run):
+    # The reference: conftest's small config trained by this (one-device) process, a run
+    # other tests share; 2 stages of 6 steps, a mid-stage checkpoint at step 4.
+    single = trained_small_run
+    with open(os.path.join(single, "summary.json")) as f:
+        reference = json.load(f)
     wd = str(tmp_path / "two")
     proc = _launch(["--num_processes=2", "--", f"--config={_config_file(corpus_dir, tmp_path)}",
                     f"--workdir={wd}"])
