@@ -199,11 +199,13 @@ class Damage(UserError):
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, max_to_keep: int, create: bool = True):
+    def __init__(self, workdir: str, max_to_keep: int, create: bool = True,
+                 clean: bool = True):
         """create=False for readers: a run without checkpoints/ is left as it is (and so
-        are Orbax's leftovers, which only a writer cleans up)."""
+        are Orbax's leftovers, which only a writer cleans up). clean=False: a writer that
+        leaves the cleaning to another process (process 0 of a multi-process run)."""
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        if create:
+        if create and clean:
             self.remove_unfinished()
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -256,6 +258,8 @@ class Checkpointer:
                 self.manager.close()  # stops its helper threads while their errors are quiet
         if full:
             raise faults.disk_full(target, needed, f"checkpoint {global_step}")
+        if jax.process_index() != 0:  # Orbax wrote it together; process 0 seals it
+            return
         sums = {rel: {"bytes": os.path.getsize(os.path.join(target, rel)),
                       "sha256": _digest(os.path.join(target, rel))} for rel in _files(target)}
         atomic_write_text(os.path.join(target, CHECKSUMS), json.dumps(sums, indent=1))

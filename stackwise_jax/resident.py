@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from stackwise_jax import fusion, lora, memory, quant, store
+from stackwise_jax import sharding as sharding_lib
 from stackwise_jax.model import Rack, Stack
 from stackwise_jax.phases import Phase
 
@@ -128,7 +129,7 @@ def _to_device(tree, dtype, shardings=None):
     def put(x, sharding=None):
         host = np.asarray(x)
         host = host.astype(ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else dtype, copy=False)
-        out = jax.device_put(host, sharding)
+        out = sharding_lib.place(host, sharding)
         memory.sample()
         return out
 
@@ -266,8 +267,8 @@ def assemble_trunk(cfg, run_dir: str, stacks, fmt: str, max_version: int, why: s
     for j, k in enumerate(stacks):
         stored = store.require(run_dir, store.stack_group(k), max_version, why)
         for name in trunk:
-            leaf = jax.device_put(stored.read("blocks." + name),
-                                  None if dense is None else dense[name])
+            leaf = sharding_lib.place(stored.read("blocks." + name),
+                                      None if dense is None else dense[name])
             memory.sample()
             if layout is None:
                 trunk[name] = _fill(trunk[name], leaf, j * bps, name=name, fmt=fmt)

@@ -227,7 +227,7 @@ class Layout:
 
     def put(self, tree):
         """`tree` placed on the mesh by the rules (a leaf already there is not copied)."""
-        return jax.device_put(tree, self.shardings(tree))
+        return jax.tree.map(place, tree, self.shardings(tree))
 
     def shard_bytes(self, tree) -> int:
         """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs, QTensors
@@ -255,15 +255,45 @@ class Layout:
         return self.named(PartitionSpec(axes))
 
     def put_batch(self, tree):
-        """Host (numpy) batch rows -> global arrays split by rows. Built from this
-        process's rows (jax.make_array_from_process_local_data): one process holds all of
-        them; with several, each passes its own part and the global batch is their union."""
+        """A global batch (numpy rows, the same on every process) -> global arrays split by
+        rows. Each process passes only the rows its own devices hold
+        (jax.make_array_from_process_local_data); the global batch is their union, so
+        every process count sees the same batches in the same order. One process holds
+        every row; a replicated batch (rows that do not divide) is passed whole."""
         def put(x):
             x = np.asarray(x)
             sharding = self.batch_sharding(x.shape[0] if x.ndim else 0, x.ndim)
-            return jax.make_array_from_process_local_data(sharding, x)
+            return jax.make_array_from_process_local_data(sharding, local_rows(sharding, x),
+                                                          x.shape)
 
         return jax.tree.map(put, tree)
+
+
+def place(x, sharding):
+    """jax.device_put(x, sharding), also where the sharding spans other processes' devices
+    (which device_put refuses for host data): a host array, or an array held whole by this
+    process, the same on every process (the same store, seed or batch), gives each local
+    device its part."""
+    if sharding is None or getattr(sharding, "is_fully_addressable", True):
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, sharding)  # global already: JAX moves it
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def local_rows(sharding: NamedSharding, x: np.ndarray) -> np.ndarray:
+    """The rows of the global batch `x` that this process's devices hold under `sharding`
+    (one contiguous run: the mesh orders devices process by process)."""
+    if x.ndim == 0 or jax.process_count() == 1:
+        return x
+    index = sharding.addressable_devices_indices_map(x.shape).values()
+    starts = [(ix[0].start or 0) if ix else 0 for ix in index]
+    stops = [x.shape[0] if not ix or ix[0].stop is None else ix[0].stop for ix in index]
+    runs = sorted(set(zip(starts, stops)))
+    if any(b[0] != a[1] for a, b in zip(runs, runs[1:])):  # make_mesh never orders them so
+        raise ValueError(f"this process's devices hold rows {runs} of the batch: not one run")
+    return x[runs[0][0]:runs[-1][1]]
 
 
 @functools.lru_cache(maxsize=8)

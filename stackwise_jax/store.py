@@ -34,7 +34,7 @@ import shutil
 import ml_dtypes
 import numpy as np
 
-from stackwise_jax import faults, sharding
+from stackwise_jax import distributed, faults, sharding
 from stackwise_jax.checkpoint import atomic_write_text, disk_usage, fsync_dir
 from stackwise_jax.errors import UserError
 
@@ -100,10 +100,18 @@ def write(run_dir: str, group: str, version: int, tree: dict, dtype: str = "fp32
 
     Leaves are copied to the host one at a time, so a tree on an accelerator never needs
     a host copy of more than one array. An existing complete store of the same version
-    (a phase rerun after a crash) is replaced."""
+    (a phase rerun after a crash) is replaced.
+
+    Several processes: each gathers every leaf (a collective all of them must join), process
+    0 alone writes, and all return once the store is complete on disk."""
     if dtype not in DTYPES:
         raise ValueError(f"store dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     target = _dir(run_dir, group, version)
+    if not distributed.is_primary():
+        for value in flatten(tree).values():
+            sharding.to_host(value)  # process 0's gather needs this process's shards
+        distributed.barrier(f"stackwise: store {group}@{version}")
+        return target
     partial = target + ".partial"
     flat = flatten(tree)
     itemsize = 2 if dtype == "bf16" else 4
@@ -118,6 +126,7 @@ def write(run_dir: str, group: str, version: int, tree: dict, dtype: str = "fp32
         shutil.rmtree(target)
     os.rename(partial, target)
     fsync_dir(os.path.dirname(target))
+    distributed.barrier(f"stackwise: store {group}@{version}")
     return target
 
 

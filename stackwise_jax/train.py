@@ -23,7 +23,8 @@ import numpy as np
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from stackwise_jax import cache, checkpoint, data, evaluate, faults, memory, optim, phases
+from stackwise_jax import cache, checkpoint, data, distributed, evaluate, faults, memory, optim
+from stackwise_jax import phases
 from stackwise_jax import config as config_lib
 from stackwise_jax import plan as plan_lib
 from stackwise_jax import resident, sharding, step as step_lib, store, workdir_lock
@@ -37,10 +38,14 @@ def _count(tree) -> int:
 
 
 class MetricsLog:
-    """RUN_DIR/metrics.jsonl; on resume, lines past the restored checkpoint are dropped."""
+    """RUN_DIR/metrics.jsonl; on resume, lines past the restored checkpoint are dropped.
+    Written by process 0 alone (distributed.is_primary); the others' writes go nowhere."""
 
     def __init__(self, workdir: str, keep_up_to_global_step: int | None):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        if not distributed.is_primary():
+            self.file = open(os.devnull, "a")
+            return
         lines = []
         if keep_up_to_global_step is not None and os.path.exists(self.path):
             with open(self.path) as f:
@@ -285,11 +290,34 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
         for row in plan_lib.preflight(cfg, device_memory):  # raises, naming the knobs
             print(f"memory preflight: {row['phase']}: {row['total_bytes'] / 2**30:.2f} of "
                   f"{device_memory / 2**30:.2f} GiB")
-    lock = workdir_lock.acquire(workdir)  # one process per workdir; the first write
+    _check_multiprocess(cfg)
+    # One run per workdir; the first write. Process 0 holds it for all the run's processes.
+    lock = workdir_lock.acquire(workdir) if distributed.is_primary() else None
     try:
         return _run_locked(cfg, workdir, max_steps, progress, rebuild_cache, layout)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
+
+
+def _check_multiprocess(cfg) -> None:
+    """What several processes do not do yet: refused at start, naming the key."""
+    if jax.process_count() > 1 and cfg.training.progressive.cache_activations:
+        raise UserError(f"training.progressive.cache_activations=True with "
+                        f"{jax.process_count()} processes: the activation cache is written "
+                        "by one process only; run it with one process (the mesh may still "
+                        "span that host's devices), or set it to False")
+
+
+def _inputs(cfg, workdir: str, rebuild_cache: bool, layout):
+    """(prepared data, trainer, phases, data stats): everything checked before the first
+    write. Raises UserError, having written nothing."""
+    prepared = data.prepare(cfg, workdir, save_tokenizer=False)
+    plan_lib.check_disk(cfg, workdir, len(prepared.train_rows))  # raises, naming the bytes
+    trainer = Trainer(cfg, workdir, prepared, rebuild_cache, layout)
+    all_phases = phases.all_phases(cfg)
+    data_stats = data.describe(cfg, prepared, all_phases)  # prints it, with any warnings
+    return prepared, trainer, all_phases, data_stats
 
 
 def _run_locked(cfg, workdir: str, max_steps, progress: bool, rebuild_cache: bool,
@@ -298,15 +326,18 @@ def _run_locked(cfg, workdir: str, max_steps, progress: bool, rebuild_cache: boo
     until the corpus, the tokenizer and the rows have all passed their checks, so a start
     that fails leaves the workdir as it found it and the corrected command runs there."""
     summary_path = os.path.join(workdir, "summary.json")
-    prepared = data.prepare(cfg, workdir, save_tokenizer=False)
-    plan_lib.check_disk(cfg, workdir, len(prepared.train_rows))  # raises, naming the bytes
-    trainer = Trainer(cfg, workdir, prepared, rebuild_cache, layout)
-    all_phases = phases.all_phases(cfg)
-    data_stats = data.describe(cfg, prepared, all_phases)  # prints it, with any warnings
-    checkpoint.claim_workdir(workdir, cfg)  # inputs known good: the run starts here
-    data.save_run_tokenizer(prepared.tokenizer, workdir)
+    primary = distributed.is_primary()
+    if primary:  # the tokenizer and token caches are built once, by process 0
+        prepared, trainer, all_phases, data_stats = _inputs(cfg, workdir, rebuild_cache, layout)
+        checkpoint.claim_workdir(workdir, cfg)  # inputs known good: the run starts here
+        data.save_run_tokenizer(prepared.tokenizer, workdir)
+    distributed.barrier("stackwise: inputs")
+    if not primary:  # reads what process 0 wrote: the run's tokenizer, the token cache
+        prepared, trainer, all_phases, data_stats = _inputs(cfg, workdir, rebuild_cache, layout)
 
-    ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep)  # drops Orbax's leftovers
+    # Process 0 drops Orbax's leftovers; the others wait for it.
+    ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.max_to_keep, clean=primary)
+    distributed.barrier("stackwise: checkpoints")
     meta, data_state, restored = _resume(ckpt, trainer, all_phases, workdir)
     store.require_intact(workdir, meta["stage"])  # what the resumed phase reads, all named
     metrics = MetricsLog(workdir, meta["global_step"])
@@ -333,7 +364,8 @@ def _run_locked(cfg, workdir: str, max_steps, progress: bool, rebuild_cache: boo
                 meta.update(stage=phase.index + 1, step=0, stage_wall_s=0.0, stage_tokens=0,
                             stage_nonfinite=0, done=phase.index + 1 == len(all_phases))
                 loop.save(None)
-                store.collect_garbage(workdir, meta["stage"])
+                if primary:
+                    store.collect_garbage(workdir, meta["stage"])
                 trainer.release(phase, all_phases[phase.index + 1:phase.index + 2])
     finally:
         metrics.close()
@@ -341,6 +373,8 @@ def _run_locked(cfg, workdir: str, max_steps, progress: bool, rebuild_cache: boo
 
     summary = _summarize(cfg, meta, trainer, prepared)
     summary["data"] = data_stats
+    if not primary:
+        return summary
     checkpoint.atomic_write_text(summary_path, json.dumps(summary, indent=2))
     print(json.dumps({k: summary[k] for k in ("mode", "heldout_loss", "heldout_causal_loss",
                                               "unigram_loss", "wall_s")}, indent=2))
@@ -591,6 +625,7 @@ def _main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     signal.signal(signal.SIGTERM, _terminate)  # until the loop's own guard takes over
     try:
+        distributed.initialize_from_env()  # several processes: before any backend starts
         if not FLAGS.config:
             raise UserError("--config is required, e.g. --config=configs/tiny.py")
         cfg = config_lib.load(FLAGS.config, _OVERRIDES)
