@@ -3,7 +3,15 @@
 import os
 import random
 
-import pytest
+# LLVM's optimisation of XLA:CPU kernels takes about half of this suite's CPU time (its
+# programs are tiny and run a few steps each). Without it, results can differ from an
+# optimised build in the last bits, which no test depends on: comparisons of two paths run
+# both under the same flags, and comparisons with HF have float32 tolerances. Subprocesses
+# inherit the flag. Set before JAX is imported.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_backend_optimization_level=0").strip()
+
+import pytest  # noqa: E402
 from absl import logging
 
 from stackwise_jax import config

@@ -27,7 +27,7 @@ def _config_file(corpus_dir, directory, mesh_data=-1):
 
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("STACKWISE_")}
-    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="", **extra)
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **extra)  # XLA_FLAGS as conftest sets it
     return env
 
 
