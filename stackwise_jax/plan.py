@@ -1,7 +1,8 @@
 """Planner: memory, disk and time of each phase of a run, before anything is allocated.
 
     python -m stackwise_jax.plan --config=configs/llama70b.py [--device_memory=141GiB]
-        [--device=h100 --mfu=0.4] [--corpus_tokens=N] [--json=plan.json] [--config.KEY=VALUE ...]
+        [--device=h100 --mfu=0.4] [--corpus_tokens=N] [--json=plan.json] [--phases=all|run]
+        [--devices=N | --smallest_mesh --max_devices=N] [--config.KEY=VALUE ...]
 
 Each planned phase is a phases.Phase, the same description the trainer runs. Its train
 step is built by step.build and compiled on abstract shapes (ShapeDtypeStruct; nothing is
@@ -23,6 +24,10 @@ gradients cross every other stack.
 `non_temporary_bytes` is the largest of these (what measured `peak_live_bytes` in
 summary.json checks, tests/test_plan.py); `total_bytes` adds the step's XLA temporaries.
 The CPU compiler's buffer assignment is not a GPU's: read totals as estimates.
+
+On a device mesh (--devices with the config's mesh.*, or the --smallest_mesh search;
+plan_mesh.py), every byte is one device's: the step is compiled SPMD with the trainer's
+shardings and each hold counts its arrays' shards.
 
 `preflight(cfg, budget)` checks the phases the run will execute and raises UserError with
 the overrides that would make it fit; `check_disk` refuses a run whose stores,
