@@ -33,9 +33,13 @@ def _live() -> tuple[int, int]:
     total, per_device = 0, collections.Counter()
     for x in jax.live_arrays():
         total += x.nbytes
-        shard = x.nbytes // max(x.size, 1) * math.prod(x.sharding.shard_shape(x.shape))
-        for d in x.sharding.device_set:
-            per_device[d] += shard
+        try:
+            shard = x.nbytes // max(x.size, 1) * math.prod(x.sharding.shard_shape(x.shape))
+            for d in x.sharding.device_set:
+                per_device[d] += shard
+        except ValueError:  # a layout whose shards differ in size: read each one
+            for s in x.addressable_shards:
+                per_device[s.device] += s.data.nbytes
     return total, max(per_device.values(), default=0)
 
 
