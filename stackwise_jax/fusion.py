@@ -22,16 +22,22 @@ import jax.numpy as jnp
 from stackwise_jax import lora, memory, quant, store
 
 
+def merge_fn(cfg):
+    """merged(base, adapters) -> float32 blocks: one stack's slices of the resident base and
+    of the adapters merged (the planner compiles it to see what it leaves on each device)."""
+    f = cfg.training.fusion
+    return jax.jit(lambda base, ad: lora.merge(quant.dequantize_tree(base, jnp.float32),
+                                               ad, f.lora_alpha, f.lora_rank))
+
+
 def merge_stack(cfg, trunk: dict, adapters: dict, k: int) -> dict:
     """Stack k's merged weights (float32): its slice of the resident base, plus adapters."""
-    f, bps = cfg.training.fusion, cfg.model.architecture.blocks_per_stack
+    bps = cfg.model.architecture.blocks_per_stack
 
     def take(tree):
         return jax.tree.map(lambda x: x[k * bps:(k + 1) * bps], tree)
 
-    merged = jax.jit(lambda base, ad: lora.merge(quant.dequantize_tree(base, jnp.float32),
-                                                 ad, f.lora_alpha, f.lora_rank))
-    return {"blocks": merged(take(trunk), take(adapters))}
+    return {"blocks": merge_fn(cfg)(take(trunk), take(adapters))}
 
 
 def store_merged(cfg, run_dir: str, trunk: dict, adapters: dict, version: int) -> None:

@@ -1,7 +1,8 @@
 """Planner: memory, disk and time of each phase of a run, before anything is allocated.
 
     python -m stackwise_jax.plan --config=configs/llama70b.py [--device_memory=141GiB]
-        [--device=h100 --mfu=0.4] [--corpus_tokens=N] [--json=plan.json] [--config.KEY=VALUE ...]
+        [--device=h100 --mfu=0.4] [--corpus_tokens=N] [--json=plan.json] [--phases=all|run]
+        [--devices=N | --smallest_mesh --max_devices=N] [--config.KEY=VALUE ...]
 
 Each planned phase is a phases.Phase, the same description the trainer runs. Its train
 step is built by step.build and compiled on abstract shapes (ShapeDtypeStruct; nothing is
@@ -24,6 +25,10 @@ gradients cross every other stack.
 summary.json checks, tests/test_plan.py); `total_bytes` adds the step's XLA temporaries.
 The CPU compiler's buffer assignment is not a GPU's: read totals as estimates.
 
+On a device mesh (--devices with the config's mesh.*, or the --smallest_mesh search;
+plan_mesh.py), every byte is one device's: the step is compiled SPMD with the trainer's
+shardings and each hold counts its arrays' shards.
+
 `preflight(cfg, budget)` checks the phases the run will execute and raises UserError with
 the overrides that would make it fit; `check_disk` refuses a run whose stores,
 checkpoints and activation cache the disk cannot hold.
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -42,7 +48,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from stackwise_jax import cache, evaluate, phases as phases_lib, resident, step as step_lib
+from stackwise_jax import cache, evaluate, fusion, phases as phases_lib, resident
+from stackwise_jax import plan_mesh, step as step_lib
 from stackwise_jax import config as config_lib
 from stackwise_jax.checkpoint import disk_usage
 from stackwise_jax.errors import UserError
@@ -76,6 +83,47 @@ def parse_bytes(text: str) -> int:
 
 def _nbytes(tree) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+class _PerDevice:
+    """Bytes one device holds of a tree: all of them without a mesh; on one (a
+    sharding.Layout), each leaf's shard: parameters, optimizer state and trunks by the
+    layout's rules, batches split by rows, as the trainer places them."""
+
+    def __init__(self, layout=None):
+        self.layout = layout
+
+    def _shards(self, tree, shardings) -> list[int]:
+        def one(x, s):
+            return math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+
+        return jax.tree.leaves(jax.tree.map(one, tree, shardings))
+
+    def params(self, tree) -> int:
+        if self.layout is None:
+            return _nbytes(tree)
+        return sum(self._shards(tree, self.layout.shardings(tree)))
+
+    def largest_param(self, tree) -> int:
+        """The largest leaf's bytes on one device."""
+        if self.layout is None:
+            return max(_nbytes(x) for x in jax.tree.leaves(tree))
+        return max(self._shards(tree, self.layout.shardings(tree)))
+
+    def rows(self, tree) -> int:
+        if self.layout is None:
+            return _nbytes(tree)
+        return sum(self._shards(tree, self.row_shardings(tree)))
+
+    def row_shardings(self, tree):
+        return jax.tree.map(lambda x: self.layout.batch_sharding(x.shape[0] if x.ndim else 0,
+                                                                 x.ndim), tree)
+
+    def rows_of(self, n_rows: int) -> int:
+        """Rows of an n_rows batch one device holds."""
+        if self.layout is None:
+            return n_rows
+        return math.prod(self.layout.batch_sharding(n_rows, 1).shard_shape((n_rows,)))
 
 
 def _sds(shape, dtype):
@@ -117,8 +165,10 @@ def tokens_per_step(cfg) -> int:
     return cfg.data.batch_size * cfg.training.grad_accum_steps * cfg.data.seq_len
 
 
-def time_plan(cfg, device: str, mfu: float, corpus_tokens: int | None = None) -> dict:
-    """Hours of every phase at `mfu` of `device`'s peak, and the run's total.
+def time_plan(cfg, device: str, mfu: float, corpus_tokens: int | None = None,
+              n_devices: int = 1) -> dict:
+    """Hours of every phase at `mfu` of `device`'s peak (on each of n_devices devices that
+    share the work), and the run's total.
 
     Cache builds are counted too: per cached stage one stack forward per cached token
     (incremental) or k of them (a rebuild at stage k), over corpus_tokens x cache_views
@@ -127,7 +177,7 @@ def time_plan(cfg, device: str, mfu: float, corpus_tokens: int | None = None) ->
         raise UserError(f"--device={device!r}: choose one of {', '.join(DEVICES)}")
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu={mfu}: a fraction of the device's peak in (0, 1]")
-    rate = DEVICES[device] * mfu
+    rate = DEVICES[device] * mfu * n_devices
     p = cfg.training.progressive
     stack_fwd = _stack_forward_flops(cfg)
     corpus = corpus_tokens or config_lib.steps_in_stage(cfg) * tokens_per_step(cfg)
@@ -144,7 +194,7 @@ def time_plan(cfg, device: str, mfu: float, corpus_tokens: int | None = None) ->
                      "hours": flops / rate / 3600})
     total = sum(r["hours"] for r in rows)
     return {"device": device, "peak_flops": DEVICES[device], "mfu": mfu, "phases": rows,
-            "total_hours": total, "total_days": total / 24}
+            "n_devices": n_devices, "total_hours": total, "total_days": total / 24}
 
 
 # ------------------------------------------------------------------------- the phases
@@ -219,67 +269,107 @@ def _batch_like(cfg, phase) -> object:
             "t": _sds((R,), jnp.float32)}
 
 
-def _largest_stored_leaf(cfg) -> int:
+def _largest_stored_leaf(cfg, count: _PerDevice) -> int:
+    """A stored array on its way into the trunk, in the dense layout of its kernel."""
     item = 2 if cfg.training.progressive.stack_storage_dtype == "bf16" else 4
-    return max(x.size for x in jax.tree.leaves(resident.abstract_stack(cfg))) * item
+    return count.largest_param(resident.abstract_stack(cfg)["blocks"]) // 4 * item
 
 
-def _eval_hold(cfg, phase) -> int:
+def _eval_hold(cfg, phase, count: _PerDevice | None = None) -> int:
     """Top groups in the compute dtype, one stack in eval format, the held-out streams."""
+    count = count or _PerDevice()
     dtype = jnp.dtype(resident.compute_dtype(cfg))
-    top = _nbytes(resident.abstract_top(cfg)) // 4 * dtype.itemsize
-    one_stack = _nbytes(resident.abstract_trunk(cfg, 1, phases_lib.eval_format(cfg)))
-    B, L, D = cfg.data.batch_size, cfg.data.seq_len, cfg.model.d_model
+    top = count.params(resident.abstract_top(cfg)) // 4 * dtype.itemsize
+    one_stack = count.params(resident.abstract_trunk(cfg, 1, phases_lib.eval_format(cfg)))
+    B, L, D = count.rows_of(cfg.data.batch_size), cfg.data.seq_len, cfg.model.d_model
     per_stream = B * L * D * dtype.itemsize + B * L * (4 + 4 + 1) + B * 4
     streams = evaluate.batches_held(cfg) * (1 + (1 if phase.adapters else 0))
     return top + one_stack + streams * per_stream
 
 
-def _cache_build_hold(cfg, phase, frozen_bytes: int) -> int:
+def _cache_build_hold(cfg, phase, frozen_bytes: int, count: _PerDevice) -> int:
     p, dtype = cfg.training.progressive, jnp.dtype(resident.compute_dtype(cfg))
     L, D, V = cfg.data.seq_len, cfg.model.d_model, p.cache_views
-    build_rows = cache.BUILD_BATCH
+    build_rows = count.rows_of(cache.BUILD_BATCH)
     incremental = cfg.training.mask_schedule_type == "uniform" and phase.index >= 2
     if incremental:
-        through = _nbytes(resident.abstract_trunk(cfg, 1, p.frozen_precision))
+        through = count.params(resident.abstract_trunk(cfg, 1, p.frozen_precision))
         batch = build_rows * (L * D * 4 + L * (4 + 4 + 1) + 4 + L * 4)
         out = build_rows * L * D * dtype.itemsize
     else:
-        embed = _nbytes(resident.abstract_top(cfg)["embed"]) // 4 * dtype.itemsize
-        through = embed + _nbytes(resident.abstract_trunk(cfg, phase.index, p.frozen_precision))
+        embed = count.params(resident.abstract_top(cfg)["embed"]) // 4 * dtype.itemsize
+        through = embed + count.params(resident.abstract_trunk(cfg, phase.index,
+                                                               p.frozen_precision))
         batch = build_rows * L * 4 + build_rows * V * (L * (4 + 1) + 4)
         out = build_rows * V * L * D * dtype.itemsize
     return frozen_bytes + through + batch + out
 
 
-def analyze(cfg, key: str, budget: int, planned=None) -> dict:
-    """The row of planner key `key`: the phase's step compiled, and every hold counted."""
+def _merged_stack_bytes(cfg, args, layout) -> int:
+    """One merged stack (float32) on one device. On a mesh its layout is the compiler's
+    choice (propagated from the base's and the adapters' shardings): compiled to read it."""
+    if layout is None:
+        return _nbytes(resident.abstract_stack(cfg))
+    bps = cfg.model.architecture.blocks_per_stack
+    trainable, frozen = args[0], args[1]
+
+    def take(tree):  # one stack's slice; the block axis is never split
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct((bps,) + x.shape[1:], x.dtype,
+                                                           sharding=x.sharding), tree)
+
+    out = fusion.merge_fn(cfg).lower(take(frozen["trunk"]), take(trainable["adapters"]))
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(out.compile().out_info))
+
+
+def _placed(layout, trainable, frozen, opt_state, batch, key_like):
+    """The step's abstract arguments carrying the shardings the trainer gives them."""
+    count = _PerDevice(layout)
+    batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         batch, count.row_shardings(batch))
+    key_like = jax.ShapeDtypeStruct(key_like.shape, key_like.dtype, sharding=layout.replicated())
+    return (*layout.abstract((trainable, frozen, opt_state)), batch, key_like)
+
+
+def analyze(cfg, key: str, budget: int, planned=None, layout=None) -> dict:
+    """The row of planner key `key`: the phase's step compiled, and every hold counted.
+    With a layout (sharding.Layout: a mesh and its rules), every byte is one device's: the
+    step is compiled SPMD with the shardings the trainer places its arguments with
+    (memory_analysis of a partitioned program is per device), and each hold counts its
+    arrays' shards."""
     cfg, phase = planned or planned_phase(cfg, key)
-    t = cfg.training
+    t, count = cfg.training, _PerDevice(layout)
     tx = step_lib.optimizer_for(cfg, phase)
-    step, _ = step_lib.build(cfg, phase, tx, 0)
     trainable = resident.abstract_trainable(cfg, phase)
     frozen = resident.abstract_frozen(cfg, phase)
     opt_state = jax.eval_shape(lambda tr: init_state(tx, tr, t), trainable)
     batch = _batch_like(cfg, phase)
     key_like = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    mem = step.lower(trainable, frozen, opt_state, batch, key_like).compile().memory_analysis()
+    args = (trainable, frozen, opt_state, batch, key_like)
+    state_shardings = None
+    if layout is not None:
+        args = _placed(layout, *args)
+        state_shardings = layout.shardings((trainable, opt_state))
+    step, _ = step_lib.build(cfg, phase, tx, 0, layout, state_shardings)
+    mem = step.lower(*args).compile().memory_analysis()
     step_total = (mem.argument_size_in_bytes + mem.temp_size_in_bytes
                   + mem.output_size_in_bytes - mem.alias_size_in_bytes)
-    holds = {"step": _nbytes(trainable) + _nbytes(opt_state) + _nbytes(frozen) + _nbytes(batch)}
+    trainable_b, frozen_b = count.params(trainable), count.params(frozen)
+    opt_b, batch_b = count.params(opt_state), count.rows(batch)
+    holds = {"step": trainable_b + opt_b + frozen_b + batch_b}
     if phase.adapters:  # at its end, each stack is merged (float32) while the rest is held
-        holds["merge"] = holds["step"] + _nbytes(resident.abstract_stack(cfg))
+        holds["merge"] = holds["step"] + _merged_stack_bytes(cfg, args, layout)
     if phase.trunk_stacks or phase.upper_stacks:
-        holds["trunk assembly"] = _nbytes(frozen) + _largest_stored_leaf(cfg)
+        holds["trunk assembly"] = frozen_b + _largest_stored_leaf(cfg, count)
     if phase.inputs == "cache":
-        holds["cache build"] = _cache_build_hold(cfg, phase, _nbytes(frozen))
-    holds["evaluation"] = _eval_hold(cfg, phase)
+        holds["cache build"] = _cache_build_hold(cfg, phase, frozen_b, count)
+    holds["evaluation"] = _eval_hold(cfg, phase, count)
     non_temporary = max(holds.values())
     total = max([step_total] + [v for k, v in holds.items() if k != "step"])
     return {"phase": _title(key, phase), "key": key,
-            "trainable_params_bytes": _nbytes(trainable), "frozen_params_bytes": _nbytes(frozen),
-            "optimizer_bytes": _nbytes(opt_state), "gradient_bytes": _nbytes(trainable),
-            "batch_bytes": _nbytes(batch), "xla_temp_bytes": int(mem.temp_size_in_bytes),
+            "trainable_params_bytes": trainable_b, "frozen_params_bytes": frozen_b,
+            "optimizer_bytes": opt_b, "gradient_bytes": trainable_b,
+            "batch_bytes": batch_b, "xla_temp_bytes": int(mem.temp_size_in_bytes),
             "step_total_bytes": int(step_total), "holds": holds,
             "non_temporary_bytes": int(non_temporary), "total_bytes": int(total),
             "fits": total <= budget, "flops_per_token": flops_per_token(cfg, phase)}
@@ -302,20 +392,28 @@ def _title(key: str, phase) -> str:
     return f"stage {phase.index}, frozen trunk resident in {key}"
 
 
-def plan(cfg, budget: int, keys: list[str] | None = None) -> dict:
-    """Rows for the planner keys `keys` (all_phases(cfg) when None), against `budget` bytes."""
+def phase_title(cfg, key: str) -> str:
+    """The table's name of planner key `key`, without compiling anything."""
+    title = _title(key, planned_phase(cfg, key)[1])
+    return title.replace("{r}", str(cfg.training.fusion.lora_rank))
+
+
+def plan(cfg, budget: int, keys: list[str] | None = None, layout=None) -> dict:
+    """Rows for the planner keys `keys` (all_phases(cfg) when None), against `budget` bytes;
+    with a layout (sharding.Layout), per device of its mesh (see analyze)."""
     keys = all_phases(cfg) if keys is None else list(keys)
     unknown = [k for k in keys if k not in all_phases(cfg)]
     if unknown:
         raise ValueError(f"phases {unknown} not among {all_phases(cfg)} for this config")
     rows = []
     for key in keys:
-        row = analyze(cfg, key, budget)
+        row = analyze(cfg, key, budget, layout=layout)
         row["phase"] = row["phase"].replace("{r}", str(cfg.training.fusion.lora_rank))
         rows.append(row)
     return {"device_memory_bytes": budget, "batch_size": cfg.data.batch_size,
             "grad_accum_steps": cfg.training.grad_accum_steps, "seq_len": cfg.data.seq_len,
-            "phases": rows, "cache": cache.bytes_and_flops_per_token(cfg)}
+            "phases": rows, "cache": cache.bytes_and_flops_per_token(cfg),
+            "mesh": None if layout is None else layout.sizes}
 
 
 # ------------------------------------------------------------------------------ disk
@@ -482,18 +580,20 @@ def _advice(cfg, row: dict, phase: str) -> list[str]:
     return out
 
 
-def preflight(cfg, budget_bytes: int) -> list[dict]:
+def preflight(cfg, budget_bytes: int, layout=None) -> list[dict]:
     """Compiles the phase(s) this config will run (phases_for_run) on abstract shapes and
-    checks them against `budget_bytes`. Returns the rows when all fit; otherwise raises
-    UserError naming the phase, its breakdown and the config knobs that would shrink it."""
+    checks them against `budget_bytes` (per device of the layout's mesh, when one is given).
+    Returns the rows when all fit; otherwise raises UserError naming the phase, its
+    breakdown and the config knobs that would shrink it."""
     phases = phases_for_run(cfg)
-    rows = plan(cfg, budget_bytes, phases)["phases"]
+    rows = plan(cfg, budget_bytes, phases, layout)["phases"]
     bad = [(phase, r) for phase, r in zip(phases, rows) if not r["fits"]]
     if not bad:
         return rows
     phase, r = max(bad, key=lambda pr: pr[1]["total_bytes"])
+    per = "" if layout is None else f" per device of {plan_mesh.mesh_name(layout.sizes)}"
     lines = [f"memory preflight: '{r['phase']}' does not fit: it needs {_gib(r['total_bytes'])}"
-             f" of a {_gib(budget_bytes)} budget (trainable parameters "
+             f" of a {_gib(budget_bytes)} budget{per} (trainable parameters "
              f"{_gib(r['trainable_params_bytes'])}, frozen parameters "
              f"{_gib(r['frozen_params_bytes'])}, optimizer state {_gib(r['optimizer_bytes'])}, "
              f"XLA temporaries incl. gradients {_gib(r['xla_temp_bytes'])}, batch "
@@ -505,15 +605,21 @@ def preflight(cfg, budget_bytes: int) -> list[dict]:
     else:
         lines.append("No memory knob is left to turn in this config: use a smaller model "
                      "(model.d_model, model.architecture.blocks_per_stack) or a larger device.")
+    devices = "" if layout is None else f" --devices={layout.n_devices} " + " ".join(
+        f"--config.mesh.{a}={v}" for a, v in layout.sizes.items())
     lines.append(f"See every phase: python -m stackwise_jax.plan "
-                 f"--device_memory={_size_arg(budget_bytes)} --config=...")
+                 f"--device_memory={_size_arg(budget_bytes)}{devices} --config=...")
     raise UserError("\n".join(lines))
 
 
 def format_table(result: dict) -> str:
     gib = 2**30
     accum = result.get("grad_accum_steps", 1)
-    lines = [f"device memory budget: {result['device_memory_bytes'] / gib:.1f} GiB; batch "
+    mesh = result.get("mesh")
+    where = "" if not mesh else (f" per device of a mesh {plan_mesh.mesh_name(mesh)} ("
+                                 f"{math.prod(mesh.values())} devices; every byte below is one "
+                                 "device's)")
+    lines = [f"device memory budget: {result['device_memory_bytes'] / gib:.1f} GiB{where}; batch "
              f"{result['batch_size']} x {result['seq_len']} tokens"
              + (f" x {accum} micro-batches per step" if accum > 1 else ""),
              "| phase | trainable | frozen | optimizer | gradients* | XLA temp | step total | "
@@ -542,8 +648,9 @@ def format_table(result: dict) -> str:
                      + f"; total {_gb(d['total'])}")
     if "time" in result:
         tm = result["time"]
+        on = "" if tm.get("n_devices", 1) == 1 else f" on each of {tm['n_devices']} devices"
         lines.append(f"time at {tm['mfu']:.0%} of {tm['device']}'s {tm['peak_flops'] / 1e12:.0f} "
-                     "TFLOP/s (bf16 dense):")
+                     f"TFLOP/s (bf16 dense){on}:")
         lines.append("| phase | FLOPs/token | tokens | hours |")
         lines.append("|---|---|---|---|")
         for r in _grouped(tm["phases"]):
@@ -612,22 +719,60 @@ def main(argv=None) -> int:
                         help="training tokens in the corpus, for the activation cache's disk "
                              "and build time (default: one stage's tokens)")
         ap.add_argument("--json", default=None, help="also write the table as JSON here")
+        ap.add_argument("--phases", default="all", choices=("all", "run"),
+                        help="all: every phase the table shows; run: the phases this config "
+                             "runs (phases_for_run)")
+        ap.add_argument("--devices", type=int, default=None,
+                        help="plan per device of the config's mesh (--config.mesh.data/fsdp/"
+                             "tensor) over this many devices; default: the product of the "
+                             "mesh's fixed axes (1 unless set). Simulated CPU devices stand in "
+                             "for devices the machine does not have")
+        ap.add_argument("--smallest_mesh", action="store_true",
+                        help="search meshes data=1 x fsdp x tensor (powers of two) for the "
+                             "fewest devices on which each phase fits --device_memory per "
+                             "device (the config's mesh is not used)")
+        ap.add_argument("--max_devices", type=int, default=8,
+                        help="the largest device count --smallest_mesh tries")
         args = ap.parse_args(rest)
         cfg = config_lib.load(args.config, overrides)
-        result = plan(cfg, parse_bytes(args.device_memory))
+        budget = parse_bytes(args.device_memory)
+        keys = phases_for_run(cfg) if args.phases == "run" else all_phases(cfg)
+        if args.smallest_mesh:
+            return _search(cfg, budget, keys, args)
+        n = plan_mesh.default_devices(cfg) if args.devices is None else \
+            plan_mesh.check_count("--devices", args.devices)
+        plan_mesh.check_mesh(cfg, n)  # before JAX starts: a bad mesh costs no device set-up
+        plan_mesh.provide_cpu_devices(n)
+        result = plan(cfg, budget, keys, plan_mesh.layout_for(cfg, n))
         corpus = args.corpus_tokens or config_lib.steps_in_stage(cfg) * tokens_per_step(cfg)
         result["disk"] = disk_plan(cfg, max(1, corpus // cfg.data.seq_len))
         if not args.corpus_tokens:
             result["disk"]["cache_note"] = "for a corpus of one stage's tokens"
-        result["time"] = time_plan(cfg, args.device, args.mfu, args.corpus_tokens)
+        result["time"] = time_plan(cfg, args.device, args.mfu, args.corpus_tokens, n)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(result))
-    if args.json:
-        from stackwise_jax.checkpoint import atomic_write_text
-        atomic_write_text(args.json, json.dumps(result, indent=2))
+    _write_json(args.json, result)
     return 0 if all(r["fits"] for r in result["phases"]) else 1
+
+
+def _search(cfg, budget: int, keys: list[str], args) -> int:
+    if args.devices is not None:
+        raise UserError(f"--devices={args.devices} and --smallest_mesh: choose one (a plan on "
+                        "the config's mesh over --devices, or the search up to --max_devices)")
+    max_devices = plan_mesh.check_count("--max_devices", args.max_devices)
+    plan_mesh.provide_cpu_devices(max_devices)
+    result = plan_mesh.smallest_mesh(cfg, budget, keys, max_devices)
+    print(plan_mesh.format_search(result))
+    _write_json(args.json, result)
+    return 0 if all(p["row"] is not None for p in result["phases"]) else 1
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        from stackwise_jax.checkpoint import atomic_write_text
+        atomic_write_text(path, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

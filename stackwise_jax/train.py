@@ -287,7 +287,8 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
     if device_memory == "auto":
         device_memory = plan_lib.device_memory_bytes()
     if device_memory is not None:
-        for row in plan_lib.preflight(cfg, device_memory):  # raises, naming the knobs
+        mesh = layout if layout.n_devices > 1 else None  # per device of the run's mesh
+        for row in plan_lib.preflight(cfg, device_memory, mesh):  # raises, naming the knobs
             print(f"memory preflight: {row['phase']}: {row['total_bytes'] / 2**30:.2f} of "
                   f"{device_memory / 2**30:.2f} GiB")
     _check_multiprocess(cfg)
