@@ -4,11 +4,13 @@ A recipe is applied on top of a config file, like `--config.KEY=VALUE` flags, an
 config's token budget: `steps_per_stage * n_stacks` optimizer steps in all, every phase
 counted (end-to-end trains them in its one stage; a recipe with a fusion phase takes
 fusion's steps out of the stages'). `python -m stackwise_jax.sweep --grid=recipe=e2e,
-progressive` compares them; `overrides(name, cfg)` gives the flags a recipe sets.
+progressive` compares them; `python -m stackwise_jax.train --config=... --recipe=progressive`
+runs one; `overrides(name, cfg)` gives the flags a recipe sets.
 """
 
 from __future__ import annotations
 
+from stackwise_jax import config as config_lib
 from stackwise_jax.errors import UserError
 
 
@@ -95,3 +97,12 @@ def overrides(name: str, cfg) -> dict[str, str]:
     if name not in RECIPES:
         raise UserError(f"recipe '{name}' is unknown; choose one of {', '.join(RECIPES)}")
     return RECIPES[name](cfg)
+
+
+def apply(cfg, name: str):
+    """`cfg` with recipe `name` applied last (computed from `cfg`, so it keeps the token
+    budget the file and flags set) and validated."""
+    for key, raw in overrides(name, cfg).items():
+        config_lib.set_override(cfg, key, raw)
+    config_lib.validate(cfg)
+    return cfg

@@ -27,7 +27,7 @@ from stackwise_jax import cache, checkpoint, data, distributed, evaluate, faults
 from stackwise_jax import phases
 from stackwise_jax import config as config_lib
 from stackwise_jax import plan as plan_lib
-from stackwise_jax import resident, sharding, step as step_lib, store, workdir_lock
+from stackwise_jax import recipes, resident, sharding, step as step_lib, store, workdir_lock
 from stackwise_jax.errors import UserError
 from stackwise_jax.model import param_counts
 from stackwise_jax.phases import Phase
@@ -596,7 +596,11 @@ def _summarize(cfg, meta, trainer: Trainer, prepared) -> dict:
 
 flags.DEFINE_string("config", None, "config file, e.g. configs/tiny.py; override keys with "
                     "--config.key=value")
-flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)")
+flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>, with "
+                    "-<recipe> when --recipe is given)")
+flags.DEFINE_string("recipe", None, "a named recipe applied after the file and the --config "
+                    "flags (stackwise_jax/recipes.py), e.g. progressive: plain progressive "
+                    "training instead of the config's recipe")
 flags.DEFINE_bool("dry_run", False, "validate the config, print parameter counts, allocate nothing")
 flags.DEFINE_integer("max_steps", None, "stop after this many steps (a checkpoint is saved)")
 flags.DEFINE_string("device_memory", "auto", "memory the preflight check plans against, e.g. "
@@ -630,10 +634,13 @@ def _main(argv):
         if not FLAGS.config:
             raise UserError("--config is required, e.g. --config=configs/tiny.py")
         cfg = config_lib.load(FLAGS.config, _OVERRIDES)
+        if FLAGS.recipe:
+            cfg = recipes.apply(cfg, FLAGS.recipe)
         if FLAGS.dry_run:
             dry_run(cfg)
             return
         name = os.path.splitext(os.path.basename(FLAGS.config))[0]
+        name += f"-{FLAGS.recipe}" if FLAGS.recipe else ""
         memory_flag = FLAGS.device_memory
         if memory_flag not in ("auto", "none"):
             memory_flag = plan_lib.parse_bytes(memory_flag)

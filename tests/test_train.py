@@ -278,3 +278,19 @@ def test_atomic_writes_give_files_the_mode_open_would(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_recipe_flag_runs_a_named_recipe_and_names_a_bad_one():
+    """--recipe=progressive turns configs/tiny.py's recipe (copied stacks, a decreasing
+    split) back into plain progressive training: one flag."""
+    from stackwise_jax import recipes
+
+    cfg = recipes.apply(config.load(os.path.join(ROOT, "configs/tiny.py")), "progressive")
+    assert cfg.training.progressive.step_split == "equal"
+    assert cfg.training.progressive.new_stack_init == "random"
+    ok = cli("--config=configs/tiny.py", "--dry_run", "--recipe=progressive")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count("; 400 steps") == 4  # 1,600 steps in equal stages
+    bad = cli("--config=configs/tiny.py", "--dry_run", "--recipe=progresive")
+    assert bad.returncode == 2 and "recipe 'progresive' is unknown" in bad.stderr
+    assert "Traceback" not in bad.stderr
