@@ -24,8 +24,8 @@ def get_config():
     c.eval.batches = 16
     # The best stack-wise recipe measured on this config (docs/results.md): each new stack
     # starts as a copy of the one below, and the stages share the budget in decreasing
-    # shares (4:3:2:1: stage 0 also trains the embedding). The plain recipe:
-    # --config.training.progressive.new_stack_init=random --config.training.progressive.step_split=equal
+    # shares (4:3:2:1: stage 0 also trains the embedding). The plain recipe, one flag away:
+    # python -m stackwise_jax.train --config=configs/tiny.py --recipe=progressive
     c.training.progressive.new_stack_init = "copy"
     c.training.progressive.step_split = "decreasing"
     return c
