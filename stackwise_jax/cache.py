@@ -19,13 +19,14 @@ only while it builds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stackwise_jax import cache_store, memory, objective, resident, sharding
+from stackwise_jax import cache_store, distributed, memory, objective, resident, sharding
 from stackwise_jax.errors import UserError
 from stackwise_jax.resident import Template, compute_dtype
 
@@ -107,8 +108,10 @@ def build(cfg, workdir: str, stage: int, train_rows, mask_id: int,
     """Writes the cache that stage `stage` trains from; returns a reader over it. The
     embedding and stacks < stage are read from the run's stores. layout: the mesh they and
     the rows are placed on (sharding.Layout); the hidden states are gathered to the host
-    for writing, one build batch at a time."""
-    put = jnp.asarray if layout is None else layout.put_batch
+    for writing, one build batch at a time.
+
+    With several processes every one runs the build (each reads and places only its own
+    rows of a build batch, and takes part in the gathers) and process 0 alone writes."""
     p = cfg.training.progressive
     spec = spec_for(cfg, len(train_rows))
     target = cache_dir(workdir, stage)
@@ -118,41 +121,65 @@ def build(cfg, workdir: str, stage: int, train_rows, mask_id: int,
                    and _is_complete(previous, spec))
     how = f"from stage {stage - 1}'s cache through stack {stage - 1}" if incremental else \
         f"through the embedding and stacks 0..{stage - 1}"
-    print(f"building the activation cache of stage {stage} {how} "
-          f"({spec.n_rows} rows, {p.cache_dtype}, trunk in {p.frozen_precision})")
+    primary = distributed.is_primary()
+    if primary:
+        print(f"building the activation cache of stage {stage} {how} "
+              f"({spec.n_rows} rows, {p.cache_dtype}, trunk in {p.frozen_precision})")
     meta = {"stage": stage, "t_range": list(t_range), "views": p.cache_views,
             "trunk_format": p.frozen_precision}
     through_trunk, through_blocks = _forwards(cfg)
     why = f"the activation cache of stage {stage}"
-    with cache_store.CacheWriter(target, spec, meta=meta) as writer:
+    host = sharding.to_host  # a gather that every process joins
+    writer = cache_store.CacheWriter(target, spec, meta=meta) if primary else None
+    with writer or contextlib.nullcontext():
         if incremental:
             reader = cache_store.open_cache(previous, verify=False)
             blocks = resident.stack_resident(cfg, workdir, stage - 1, p.frozen_precision,
                                              stage, why, layout)
             for start in range(0, len(reader), batch_size):
-                rows = reader.batch(np.arange(start, min(start + batch_size, len(reader))))
-                hidden = through_blocks(blocks, put(rows["hidden"]))
+                n, part = _part(layout, start, min(start + batch_size, len(reader)))
+                # Process 0 reads every row: it writes them all.
+                rows = reader.batch(np.arange(start, start + n) if writer is not None else
+                                    np.arange(start + part.start, start + part.stop))
+                local = rows["hidden"][part] if writer is not None else rows["hidden"]
+                hidden = through_blocks(blocks, _put(layout, local, n))
                 memory.sample()
-                writer.write({**{k: rows[k] for k in ("inputs", "targets", "masked", "t")},
-                              **_encode(hidden, p.cache_dtype)})
+                encoded = _encode(hidden, p.cache_dtype)
+                if writer is not None:
+                    writer.write({**{k: rows[k] for k in ("inputs", "targets", "masked", "t")},
+                                  **encoded})
         else:
             embed = resident.load_group(workdir, "embed", stage, compute_dtype(cfg), why, layout)
             trunk = resident.assemble_trunk(cfg, workdir, tuple(range(stage)),
                                             p.frozen_precision, stage, why, layout)
             for start in range(0, len(train_rows), batch_size):
-                ids = put(np.asarray(train_rows[start:start + batch_size]))
+                n, part = _part(layout, start, min(start + batch_size, len(train_rows)))
+                local = np.asarray(train_rows[start + part.start:start + part.stop])
+                ids = _put(layout, local, n)
                 inputs, masked, t = fixed_masks(cfg.training.seed, start, ids, p.cache_views,
                                                 t_range, mask_id)
                 hidden = through_trunk(embed, trunk, inputs)
                 memory.sample()
-                host = sharding.to_host
-                writer.write({"inputs": host(inputs), "masked": host(masked),
-                              "t": host(t).astype(np.float32, copy=False),
-                              "targets": np.repeat(host(ids), p.cache_views, axis=0),
-                              **_encode(hidden, p.cache_dtype)})
-    if not p.keep_previous_cache and os.path.isdir(previous):
+                batch = {"inputs": host(inputs), "masked": host(masked),
+                         "t": host(t).astype(np.float32, copy=False),
+                         "targets": np.repeat(host(ids), p.cache_views, axis=0),
+                         **_encode(hidden, p.cache_dtype)}
+                if writer is not None:
+                    writer.write(batch)
+    distributed.barrier(f"stackwise: activation cache of stage {stage} written")
+    if primary and not p.keep_previous_cache and os.path.isdir(previous):
         cache_store.delete_cache(previous)
     return cache_store.open_cache(target, verify=True, expect=spec)
+
+
+def _part(layout, start: int, stop: int) -> tuple[int, slice]:
+    """(rows in the build batch [start, stop), the slice of them this process places)."""
+    n = stop - start
+    return n, (slice(0, n) if layout is None else layout.local_rows(n))
+
+
+def _put(layout, local_rows, n_rows: int):
+    return jnp.asarray(local_rows) if layout is None else layout.put_local_batch(local_rows, n_rows)
 
 
 def _is_complete(directory: str, spec) -> bool:
@@ -168,8 +195,9 @@ def open_or_build(cfg, workdir: str, stage: int, train_rows, mask_id: int,
     """The stage's cache: reused when complete and intact, else (or with rebuild) built."""
     target = cache_dir(workdir, stage)
     spec = spec_for(cfg, len(train_rows))
-    if rebuild:
+    if rebuild and distributed.is_primary():
         cache_store.delete_cache(target)
-    elif os.path.isdir(target):
+    distributed.barrier(f"stackwise: activation cache of stage {stage} checked")
+    if os.path.isdir(target):  # every process verifies: they reach the same verdict
         return cache_store.open_cache(target, verify=True, expect=spec)  # names a bad shard
     return build(cfg, workdir, stage, train_rows, mask_id, layout=layout)

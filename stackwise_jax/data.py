@@ -629,12 +629,15 @@ def _write_split(spans: list[Span], tokenizer: Tokenizer, path: str, bar, errors
 
 
 def token_shards(train_spans: list[Span], heldout_spans: list[Span],
-                 tokenizer: Tokenizer, decode_errors: str = "strict") -> TokenShards:
+                 tokenizer: Tokenizer, decode_errors: str = "strict",
+                 written_elsewhere: bool = False) -> TokenShards:
     """The token files of this corpus and tokenizer, tokenised now unless cached.
 
     They are written into a temporary directory, manifest last, and renamed to
     <cache root>/tokens/<key> only when complete, so a crash never leaves anything that a
     later run takes for complete. seq_len is not in the key: rows are a view of the flat ids.
+    written_elsewhere: another process (process 0 of a run) has just filled the cache; if
+    this host does not see it (a cache root that is not shared), it tokenizes here too.
     Every byte is decoded here (decode_errors as data.decode_errors), so a complete cache
     also says its files passed that check; 'replace' keys a cache apart and records counts.
     """
@@ -647,6 +650,11 @@ def token_shards(train_spans: list[Span], heldout_spans: list[Span],
     target = os.path.join(root, key)
     if (manifest := _complete_manifest(target)) is not None:
         return TokenShards(target, manifest)
+    if written_elsewhere:
+        print(f"data: this host's cache root '{cache_root()}' does not hold the token cache "
+              "that process 0 wrote, so this process tokenizes the corpus too (the same ids); "
+              "set STACKWISE_CACHE_DIR to a directory every host shares to tokenize once",
+              file=sys.stderr, flush=True)
     try:
         _write_shards(key_parts, target, train_spans, heldout_spans, tokenizer, decode_errors)
     except OSError as e:  # not the corpus (its reads raise UserError): the cache itself
@@ -685,24 +693,34 @@ def _write_shards(key_parts, target, train_spans, heldout_spans, tokenizer, deco
 # ------------------------------------------------------------------------ rows, batches
 
 
-def train_batches(rows_NxL, batch_size: int, seed: int):
+def train_batches(rows_NxL, batch_size: int, seed: int, part: slice | None = None):
     """Endless (batch_size, L) int32 batches; a new shuffle each epoch, remainder dropped.
 
-    rows_NxL may also be any random-access source of dict rows (the activation cache),
-    which then yields dicts of stacked arrays.
+    rows_NxL may also be the activation cache (cache_store.CacheReader), which then
+    yields dicts of stacked arrays.
+
+    part: the rows of every batch this process reads (sharding.Layout.local_rows): with
+    several processes each reads only its own part of each global batch, and the parts'
+    union is the batch one process would read, in the same order. The pipeline shuffles
+    and batches row indices, not rows, and reads a batch's rows only when it is drawn.
 
     grain's shuffle draws a fresh permutation for every pass over its indices, and batch
     maps its own epochs onto the shuffle's, so this order (shuffle, batch, repeat) gives
     per-epoch reshuffles without batches that straddle two epochs. The iterator's
-    get_state() is a small JSON-able dict.
+    get_state() is a small JSON-able dict ({"next_index": batches drawn}).
     """
     if len(rows_NxL) < batch_size:
         raise UserError(f"data.batch_size={batch_size} is more than the {len(rows_NxL)} "
                         "training rows; lower data.batch_size or data.seq_len, or add text")
-    # np.asarray of an int32 memmap is a view: rows stay on disk until a batch reads them.
-    source = np.asarray(rows_NxL, np.int32) if isinstance(rows_NxL, np.ndarray) else rows_NxL
-    ds = (grain.MapDataset.source(source)
-          .shuffle(seed=seed).batch(batch_size, drop_remainder=True).repeat(None))
+    part = part or slice(0, batch_size)
+    if isinstance(rows_NxL, np.ndarray):  # a memmap: rows stay on disk until a batch reads them
+        def read(index_B):
+            return np.asarray(rows_NxL[index_B[part]], np.int32)
+    else:
+        def read(index_B):
+            return rows_NxL.batch(index_B[part])
+    ds = (grain.MapDataset.range(len(rows_NxL))
+          .shuffle(seed=seed).batch(batch_size, drop_remainder=True).repeat(None).map(read))
     return iter(ds)
 
 
@@ -768,15 +786,17 @@ def save_run_tokenizer(tok: Tokenizer, run_dir: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare(cfg, run_dir: str, save_tokenizer: bool = True) -> Prepared:
+def prepare(cfg, run_dir: str, save_tokenizer: bool = True,
+            written_elsewhere: bool = False) -> Prepared:
     """Files, tokenizer (reused from run_dir on resume), train and held-out rows (mapped).
 
-    save_tokenizer=False writes nothing in run_dir (train saves it after its own checks)."""
+    save_tokenizer=False writes nothing in run_dir (train saves it after its own checks).
+    written_elsewhere: process 0 of this run has prepared the same (token_shards)."""
     d = cfg.data
     files = corpus(d)
     train_spans, heldout_spans = split_spans(files.train, files.heldout, d.heldout_fraction)
     tok = _run_tokenizer(cfg, run_dir, train_spans, save_tokenizer)
-    shards = token_shards(train_spans, heldout_spans, tok, d.decode_errors)
+    shards = token_shards(train_spans, heldout_spans, tok, d.decode_errors, written_elsewhere)
     replaced = shards.replacements()
     for name, n in replaced.items():
         print(f"data.decode_errors=replace: '{name}': {n} invalid UTF-8 sequences read as "

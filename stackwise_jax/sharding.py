@@ -254,17 +254,40 @@ class Layout:
             return self.replicated()
         return self.named(PartitionSpec(axes))
 
-    def put_batch(self, tree):
-        """A global batch (numpy rows, the same on every process) -> global arrays split by
-        rows. Each process passes only the rows its own devices hold
-        (jax.make_array_from_process_local_data); the global batch is their union, so
-        every process count sees the same batches in the same order. One process holds
-        every row; a replicated batch (rows that do not divide) is passed whole."""
+    def local_rows(self, n_rows: int) -> slice:
+        """The rows of an n_rows batch that this process's devices hold: what it reads
+        (data.train_batches(part=...)) and passes to put_local_batch. All of them with
+        one process, or where the batch is replicated (rows that do not divide)."""
+        sharding = self.batch_sharding(n_rows, 1)
+        if jax.process_count() == 1 or not n_rows:
+            return slice(0, n_rows)
+        rows = [ix[0] for ix in sharding.addressable_devices_indices_map((n_rows,)).values()]
+        runs = sorted({(r.start or 0, n_rows if r.stop is None else r.stop) for r in rows})
+        if any(b[0] != a[1] for a, b in zip(runs, runs[1:])):  # make_mesh never orders them so
+            raise ValueError(f"this process's devices hold rows {runs} of the batch: not one run")
+        return slice(runs[0][0], runs[-1][1])
+
+    def put_local_batch(self, tree, n_rows: int):
+        """This process's rows (local_rows(n_rows)) of a global batch of n_rows rows ->
+        global arrays split by rows (jax.make_array_from_process_local_data). The global
+        batch is the union of every process's rows, so every process count sees the same
+        batches in the same order while each process reads only its own rows."""
         def put(x):
             x = np.asarray(x)
-            sharding = self.batch_sharding(x.shape[0] if x.ndim else 0, x.ndim)
-            return jax.make_array_from_process_local_data(sharding, local_rows(sharding, x),
-                                                          x.shape)
+            shape = (n_rows,) + x.shape[1:] if x.ndim else ()
+            sharding = self.batch_sharding(n_rows if x.ndim else 0, x.ndim)
+            return jax.make_array_from_process_local_data(sharding, x, shape)
+
+        return jax.tree.map(put, tree)
+
+    def put_batch(self, tree):
+        """A whole global batch (numpy rows, the same on every process) -> global arrays
+        split by rows; each process passes on only its own rows (put_local_batch)."""
+        def put(x):
+            x = np.asarray(x)
+            if not x.ndim:
+                return self.put_local_batch(x, 0)
+            return self.put_local_batch(x[self.local_rows(x.shape[0])], x.shape[0])
 
         return jax.tree.map(put, tree)
 
@@ -280,20 +303,6 @@ def place(x, sharding):
         return jax.device_put(x, sharding)  # global already: JAX moves it
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
-def local_rows(sharding: NamedSharding, x: np.ndarray) -> np.ndarray:
-    """The rows of the global batch `x` that this process's devices hold under `sharding`
-    (one contiguous run: the mesh orders devices process by process)."""
-    if x.ndim == 0 or jax.process_count() == 1:
-        return x
-    index = sharding.addressable_devices_indices_map(x.shape).values()
-    starts = [(ix[0].start or 0) if ix else 0 for ix in index]
-    stops = [x.shape[0] if not ix or ix[0].stop is None else ix[0].stop for ix in index]
-    runs = sorted(set(zip(starts, stops)))
-    if any(b[0] != a[1] for a, b in zip(runs, runs[1:])):  # make_mesh never orders them so
-        raise ValueError(f"this process's devices hold rows {runs} of the batch: not one run")
-    return x[runs[0][0]:runs[-1][1]]
 
 
 @functools.lru_cache(maxsize=8)

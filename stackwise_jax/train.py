@@ -96,8 +96,13 @@ class Trainer:
         self.steps: dict = {}  # phases of one shape share one compiled step
         self.compilations: dict = {}  # programs each released step had compiled
         self.rows_per_step = cfg.data.batch_size * t.grad_accum_steps
+        self.part = self.layout.local_rows(self.rows_per_step)  # what this process reads
+        if jax.process_count() > 1:
+            print(f"data: process {jax.process_index()} of {jax.process_count()} reads rows "
+                  f"{self.part.start}:{self.part.stop} of each batch of {self.rows_per_step}",
+                  flush=True)
         self.token_batches = data.train_batches(prepared.train_rows, self.rows_per_step,
-                                                cfg.data.seed)
+                                                cfg.data.seed, self.part)
         heldout = data.heldout_batches(prepared.heldout_rows, cfg.data.batch_size,
                                        cfg.eval.batches)
         self.evaluator = evaluate.Evaluator(cfg, workdir, heldout, self.mask_id, self.layout)
@@ -137,7 +142,8 @@ class Trainer:
             reader = cache.open_or_build(cfg, self.workdir, phase.index, self.prepared.train_rows,
                                          self.mask_id, self.rebuild_cache, layout)
             self.rebuild_cache = False  # once, for the stage the run resumes in
-            batches = data.train_batches(reader, self.rows_per_step, cfg.data.seed + phase.index)
+            batches = data.train_batches(reader, self.rows_per_step, cfg.data.seed + phase.index,
+                                         self.part)
             if data_state.get("cache") and step > 0:
                 batches.set_state(data_state["cache"])
         cache_s = time.perf_counter() - start if phase.inputs == "cache" else 0.0
@@ -291,7 +297,6 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
         for row in plan_lib.preflight(cfg, device_memory, mesh):  # raises, naming the knobs
             print(f"memory preflight: {row['phase']}: {row['total_bytes'] / 2**30:.2f} of "
                   f"{device_memory / 2**30:.2f} GiB")
-    _check_multiprocess(cfg)
     # One run per workdir; the first write. Process 0 holds it for all the run's processes.
     lock = workdir_lock.acquire(workdir) if distributed.is_primary() else None
     try:
@@ -301,19 +306,11 @@ def run(cfg, workdir: str, max_steps: int | None = None, progress: bool = True,
             lock.release()
 
 
-def _check_multiprocess(cfg) -> None:
-    """What several processes do not do yet: refused at start, naming the key."""
-    if jax.process_count() > 1 and cfg.training.progressive.cache_activations:
-        raise UserError(f"training.progressive.cache_activations=True with "
-                        f"{jax.process_count()} processes: the activation cache is written "
-                        "by one process only; run it with one process (the mesh may still "
-                        "span that host's devices), or set it to False")
-
-
 def _inputs(cfg, workdir: str, rebuild_cache: bool, layout):
     """(prepared data, trainer, phases, data stats): everything checked before the first
     write. Raises UserError, having written nothing."""
-    prepared = data.prepare(cfg, workdir, save_tokenizer=False)
+    prepared = data.prepare(cfg, workdir, save_tokenizer=False,
+                            written_elsewhere=not distributed.is_primary())
     plan_lib.check_disk(cfg, workdir, len(prepared.train_rows))  # raises, naming the bytes
     trainer = Trainer(cfg, workdir, prepared, rebuild_cache, layout)
     all_phases = phases.all_phases(cfg)
@@ -499,7 +496,8 @@ class _Loop:
                     self.save(run)
                     self.raise_if_interrupted()
                     return False
-                batch = self.trainer.layout.put_batch(next(run.batches))
+                batch = self.trainer.layout.put_local_batch(next(run.batches),
+                                                            self.trainer.rows_per_step)
                 key = step_lib.step_key(cfg.training.seed, phase.index, meta["step"])
                 run.trainable, run.opt_state, loss, finite = run.step(
                     run.trainable, run.frozen, run.opt_state, batch, key)

@@ -208,6 +208,22 @@ def test_token_cache_reused_and_keyed(bpe, tmp_path, token_cache, monkeypatch):
     assert len(os.listdir(token_cache)) == 3
 
 
+def test_a_host_without_process_0s_token_cache_tokenizes_the_same_ids(bpe, tmp_path,
+                                                                       token_cache, monkeypatch,
+                                                                       capsys):
+    cfg = _prepare_corpus(tmp_path)
+    run = str(tmp_path / "run")
+    bpe.save(os.path.join(run, "tokenizer"))
+    first = data.prepare(cfg, run)  # process 0, on its host
+    assert "tokenizes the corpus too" not in capsys.readouterr().err
+    monkeypatch.setenv("STACKWISE_CACHE_DIR", str(tmp_path / "other_host"))
+    other = data.prepare(cfg, run, written_elsewhere=True)
+    assert "set STACKWISE_CACHE_DIR to a directory every host shares" in capsys.readouterr().err
+    np.testing.assert_array_equal(other.train_rows, first.train_rows)
+    data.prepare(cfg, run, written_elsewhere=True)  # now cached on this host too: no note
+    assert "tokenizes the corpus too" not in capsys.readouterr().err
+
+
 def test_token_cache_never_uses_incomplete_dirs(bpe, tmp_path, token_cache):
     cfg = _prepare_corpus(tmp_path)
     run = str(tmp_path / "run")
@@ -301,6 +317,21 @@ def test_train_batches_from_memmap(tmp_path):
     rows = np.memmap(path, np.int32, "r", shape=(10, 4))
     np.testing.assert_array_equal(_take(data.train_batches(rows, 3, seed=0), 6),
                                   _take(data.train_batches(np.array(rows), 3, seed=0), 6))
+
+
+def test_train_batches_parts_are_the_whole_batch_in_order(tmp_path):
+    """Each process reads its own rows of every batch (part); across epochs and after a
+    resume the parts, concatenated, are the batches one process reads."""
+    path = str(tmp_path / "ids.bin")
+    np.arange(80, dtype=np.int32).tofile(path)
+    rows = np.memmap(path, np.int32, "r", shape=(20, 4))
+    whole = _take(data.train_batches(rows, 6, seed=3), 10)  # 3 batches per epoch: 3+ epochs
+    parts = [data.train_batches(rows, 6, seed=3, part=slice(a, a + 2)) for a in (0, 2, 4)]
+    got = np.stack([np.concatenate([next(p) for p in parts]) for _ in range(10)])
+    np.testing.assert_array_equal(got, whole)
+    resumed = data.train_batches(rows, 6, seed=3, part=slice(2, 4))
+    resumed.set_state(parts[1].get_state() | {"next_index": 4})
+    np.testing.assert_array_equal(_take(resumed, 6), whole[4:10, 2:4])
 
 
 def test_heldout_batches():
