@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stackwise_jax import lora, nf4_matmul, quant
+from stackwise_jax import lora, nf4_matmul, quant, sharding
 
 ATTENTION_MODES = ("bidirectional", "causal")
 
@@ -243,12 +243,16 @@ def scan_blocks(graphdef, blocks_state, x_BxLxD, cos_LxE, sin_LxE, causal: bool,
             dense = lora.apply_adapters(_dense_block(block_state, jnp.float32), block_adapters,
                                         lora_alpha, rank)
             dense = jax.tree.map(lambda v: v.astype(x.dtype), dense)
-        block = nnx.merge(graphdef, dense)
-        return block(x, cos_LxE, sin_LxE, causal), None
+        # On an fsdp mesh: this layer's weights gathered, rows stay split (sharding.py).
+        block = nnx.merge(graphdef, sharding.gathered_weights(dense))
+        return sharding.rows(block(sharding.rows(x), cos_LxE, sin_LxE, causal)), None
 
-    if remat != "none":
-        one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[remat])
-    x_BxLxD, _ = jax.lax.scan(one_block, x_BxLxD, (blocks_state, adapters))
+    policy = REMAT_POLICIES[remat]
+    if policy is None and sharding.gathers_weights():  # keep all but the gathered weights
+        policy = sharding.keep_all_but_gathered
+    if policy is not None:
+        one_block = jax.checkpoint(one_block, policy=policy)
+    x_BxLxD, _ = jax.lax.scan(one_block, sharding.rows(x_BxLxD), (blocks_state, adapters))
     return x_BxLxD
 
 

@@ -28,12 +28,15 @@ that axis: correct, only less memory-efficient.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
 
 import jax
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from stackwise_jax.errors import UserError
@@ -138,6 +141,8 @@ def logical_axes(path, ndim: int) -> tuple:
     """The logical axis of each dimension of the leaf at `path` (a key path or names);
     leading axes (a stack's block axis: scan slices it) are never split."""
     names = [n if isinstance(n, str) else _name(n) for n in path]
+    if names and names[-1] == "value" and not isinstance(path[-1], str):
+        names = names[:-1]  # an nnx Variable's array (GetAttrKey 'value'), named by its parent
     leaf = names[-1] if names else None
     parent = names[-2] if len(names) > 1 else None
     lead = (None,) * max(ndim - 2, 0)
@@ -174,13 +179,26 @@ def _is_qtensor(x) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """A mesh and the rules: shardings for parameter trees, optimizer state, batches.
-    The mesh may be abstract (abstract_layout): shardings and shard shapes without devices."""
+    The mesh may be abstract (abstract_layout): shardings and shard shapes without devices.
+    gathered: parameters whole over fsdp (tensor splits kept): one layer's weights as the
+    step's computation reads them (see gathered_weights)."""
 
     mesh: Mesh | AbstractMesh
+    gathered: bool = False
 
     @property
     def sizes(self) -> dict[str, int]:
         return dict(self.mesh.shape)
+
+    @property
+    def rule_sizes(self) -> dict[str, int]:
+        """The axis sizes the parameter rules split by (fsdp as 1 when gathered)."""
+        return {**self.sizes, "fsdp": 1} if self.gathered else self.sizes
+
+    @property
+    def fsdp_split(self) -> bool:
+        """Parameters split over fsdp, so the step gathers them layer by layer."""
+        return self.sizes["fsdp"] > 1
 
     @property
     def n_devices(self) -> int:
@@ -196,7 +214,7 @@ class Layout:
 
     def spec(self, path, shape) -> PartitionSpec:
         """The PartitionSpec of a dense leaf named by `path` (names or a key path)."""
-        return _spec(logical_axes(path, len(shape)), shape, self.sizes)
+        return _spec(logical_axes(path, len(shape)), shape, self.rule_sizes)
 
     def leaf_sharding(self, path, leaf):
         """NamedSharding of one leaf; for a QTensor, a QTensor of NamedShardings."""
@@ -213,8 +231,9 @@ class Layout:
         kernel = tuple(kernel) + (None,) * (len(q.shape) - len(kernel))
         lead = kernel[:-2]
         if q.fmt == "nf4":
-            axes = tuple(a for a in ("fsdp", "tensor") if self.sizes[a] > 1)
-            n = math.prod(self.sizes[a] for a in axes)
+            sizes = self.rule_sizes
+            axes = tuple(a for a in ("fsdp", "tensor") if sizes[a] > 1)
+            n = math.prod(sizes[a] for a in axes)
             flat = axes if axes and q.scale.shape[-1] % n == 0 else None
             spec = self.named(PartitionSpec(*lead, flat))
             return dataclasses.replace(q, data=spec, scale=spec)
@@ -267,6 +286,76 @@ class Layout:
                                                           x.shape)
 
         return jax.tree.map(put, tree)
+
+
+# ------------------------------------------------------------------------ inside the step
+#
+# Given only its arguments' shardings, XLA's SPMD partitioner keeps each fsdp-split weight
+# in place and moves the activations instead (batch rows gathered on every device, partial
+# products all-reduced over fsdp), so a device's temporaries hardly shrink (docs/plan.md).
+# While a step on a mesh with fsdp > 1 traces (inside `step_layout`), these hooks ask for
+# the FSDP (ZeRO-3) program instead: activations split by rows over data x fsdp everywhere
+# (`rows`), and each layer's weights gathered over fsdp inside its scan iteration
+# (`gathered_weights`, tensor splits kept), named GATHERED so that the backward pass
+# gathers them again rather than keeping every layer's (model.scan_blocks' checkpoint
+# policy); their gradients then leave the iteration split over fsdp (a reduce-scatter).
+# Outside a step, or on any other mesh, every hook returns its input unchanged: a single
+# device compiles exactly the program it compiled without them.
+
+GATHERED = "fsdp_gathered"
+_STEP = contextvars.ContextVar("stackwise_step_layout", default=None)
+
+
+@contextlib.contextmanager
+def step_layout(layout: Layout | None):
+    """The hooks below act while this is entered with a layout whose mesh splits
+    parameters over fsdp (a step's trace); otherwise they do nothing."""
+    token = _STEP.set(layout if layout is not None and layout.fsdp_split else None)
+    try:
+        yield
+    finally:
+        _STEP.reset(token)
+
+
+def gathers_weights() -> bool:
+    """Whether a step is tracing with the hooks on (fsdp > 1)."""
+    return _STEP.get() is not None
+
+
+def rows(x):
+    """Activations (B, ...) split by rows over data x fsdp, whole over tensor; rows that do
+    not divide are left to the partitioner."""
+    layout = _STEP.get()
+    if layout is None or x.ndim == 0:
+        return x
+    axes = tuple(a for a in BATCH_AXES if layout.sizes[a] > 1)
+    if x.shape[0] % math.prod(layout.sizes[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, layout.named(PartitionSpec(axes)))
+
+
+def gathered_weights(tree):
+    """Parameters (a tree named as the rules name them: arrays, QTensors, nnx Variables)
+    whole over fsdp, split over tensor as before, each array named GATHERED."""
+    layout = _STEP.get()
+    if layout is None:
+        return tree
+    # Pinned to its own layout first: the gradient, which flows back through the same
+    # constraints, then leaves the layer split as its parameter (reduced, then sliced).
+    tree = jax.lax.with_sharding_constraint(tree, layout.shardings(tree))
+    whole = dataclasses.replace(layout, gathered=True)
+    tree = jax.lax.with_sharding_constraint(tree, whole.shardings(tree))
+    return jax.tree.map(lambda x: checkpoint_name(x, GATHERED), tree)
+
+
+def keep_all_but_gathered(prim, *_, **params) -> bool:
+    """A jax.checkpoint policy: a layer keeps for its backward pass everything it would
+    keep without one, except gathered weights, which its backward pass gathers again.
+    Sharding constraints' outputs are refused too: a gathered weight is one (before it is
+    named), and any other is its input, which is kept, resharded."""
+    if prim.name == "name":
+        return params.get("name") != GATHERED
+    return prim.name != "sharding_constraint"
 
 
 def place(x, sharding):
