@@ -4,6 +4,7 @@ process keeps its single CPU device)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -207,3 +208,38 @@ def test_progressive_runs_on_8_devices_match_one_device(tmp_path):
     assert shard[((2, 2, 2), 1)]["trunk_q_proj"] == "P(None, 'fsdp', 'tensor')"
     assert shard[((2, 2, 2), 1)]["down_proj"] == "P(None, 'tensor', 'fsdp')"
     assert shard[((8, 1, 1), 0)]["q_proj_shard"] == [2, 32, 32]  # data only: replicated
+
+
+# ----------------------------------------------------------------------- the FSDP program
+
+
+def test_fsdp_step_gathers_weights_and_keeps_batch_rows_split(tmp_path):
+    """The end-to-end step of a tiny model (2 one-layer stacks) compiled on fsdp 8
+    (scripts/fsdp_memory.py in a subprocess: 8 simulated devices): every all-gather is of
+    a whole parameter matrix and each of a block's kernels is gathered; no collective
+    carries a tensor with a sequence axis, so batch rows (token ids, masks, activations,
+    logits) never leave their device. The program given only the arguments' shardings
+    gathered the batch and all-reduced partial activations instead (docs/plan.md)."""
+    D, F, V, L = 64, 128, 256, 24  # L appears in no parameter's shape
+    out = tmp_path / "fsdp.json"
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    overrides = {"model.d_model": D, "model.d_ff": F, "model.vocab_size": V,
+                 "model.n_heads": 4, "model.n_kv_heads": 4, "data.seq_len": L,
+                 "training.loss_chunk_size": 12, "model.architecture.n_stacks": 2}
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "fsdp_memory.py"),
+                    "--meshes", "1,8,1", f"--json={out}"]
+                   + [f"--config.{k}={v}" for k, v in overrides.items()],
+                   env=env, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    ops = json.loads(out.read_text())["meshes"]["1,8,1"]["collectives"]
+
+    def dims(shape: str) -> list[tuple]:  # every array of a result (tuples included)
+        return [tuple(int(d) for d in s.split(",") if d) for s in re.findall(r"\[([\d,]*)\]", shape)]
+
+    gathered = {d for shape in ops.get("all-gather", {}) for d in dims(shape)}
+    params = {(D, D), (D, F), (F, D), (V, D), (D, V)}  # q/k/v/o, gate/up, down, embed, head
+    assert gathered <= params, gathered  # only weights are gathered
+    assert {(D, D), (D, F), (F, D)} <= gathered, gathered  # every block kernel is
+    carried = [(op, shape) for op, shapes in ops.items() for shape in shapes
+               if any(L in d for d in dims(shape))]
+    assert not carried, carried
