@@ -36,7 +36,6 @@ import math
 
 import jax
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from stackwise_jax.errors import UserError
@@ -295,14 +294,13 @@ class Layout:
 # products all-reduced over fsdp), so a device's temporaries hardly shrink (docs/plan.md).
 # While a step on a mesh with fsdp > 1 traces (inside `step_layout`), these hooks ask for
 # the FSDP (ZeRO-3) program instead: activations split by rows over data x fsdp everywhere
-# (`rows`), and each layer's weights gathered over fsdp inside its scan iteration
-# (`gathered_weights`, tensor splits kept), named GATHERED so that the backward pass
-# gathers them again rather than keeping every layer's (model.scan_blocks' checkpoint
-# policy); their gradients then leave the iteration split over fsdp (a reduce-scatter).
-# Outside a step, or on any other mesh, every hook returns its input unchanged: a single
-# device compiles exactly the program it compiled without them.
+# (`rows`), and each weight matrix gathered over fsdp (tensor splits kept) where a matmul
+# reads it, inside its layer's scan iteration (`gathered_weights`, `gathered_call`). The
+# backward pass gathers it again instead of keeping every layer's whole weights, and
+# reduces the weight's gradient straight back to its shard. Outside a step, or on any
+# other mesh, every hook returns its input: a single device compiles exactly the program
+# it compiled without them.
 
-GATHERED = "fsdp_gathered"
 _STEP = contextvars.ContextVar("stackwise_step_layout", default=None)
 
 
@@ -334,28 +332,67 @@ def rows(x):
     return jax.lax.with_sharding_constraint(x, layout.named(PartitionSpec(axes)))
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["shard"],
+                   meta_fields=["split", "whole"])
+@dataclasses.dataclass(frozen=True)
+class Gathered:
+    """A matmul kernel (an array or a quant.QTensor) held as its shard (`split`, the
+    rules' layout), to be gathered (`whole`: fsdp removed) by the matmul that reads it:
+    model.Linear passes it to gathered_call."""
+
+    shard: object
+    split: object
+    whole: object
+
+
 def gathered_weights(tree):
-    """Parameters (a tree named as the rules name them: arrays, QTensors, nnx Variables)
-    whole over fsdp, split over tensor as before, each array named GATHERED."""
+    """Parameters named as the rules name them (arrays, QTensors, nnx Variables), as one
+    layer's computation reads them on an fsdp mesh: each kernel a Gathered, any other
+    array (embedding table, norms) constrained whole over fsdp."""
     layout = _STEP.get()
     if layout is None:
         return tree
-    # Pinned to its own layout first: the gradient, which flows back through the same
-    # constraints, then leaves the layer split as its parameter (reduced, then sliced).
-    tree = jax.lax.with_sharding_constraint(tree, layout.shardings(tree))
     whole = dataclasses.replace(layout, gathered=True)
-    tree = jax.lax.with_sharding_constraint(tree, whole.shardings(tree))
-    return jax.tree.map(lambda x: checkpoint_name(x, GATHERED), tree)
+
+    def one(path, leaf):
+        split, full = layout.leaf_sharding(path, leaf), whole.leaf_sharding(path, leaf)
+        names = [n for n in (_name(k) for k in path) if n != "value"]
+        if names and names[-1] == "kernel":
+            return Gathered(leaf, split, full)
+        return jax.lax.with_sharding_constraint(leaf, full)
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_qtensor)
 
 
-def keep_all_but_gathered(prim, *_, **params) -> bool:
-    """A jax.checkpoint policy: a layer keeps for its backward pass everything it would
-    keep without one, except gathered weights, which its backward pass gathers again.
-    Sharding constraints' outputs are refused too: a gathered weight is one (before it is
-    named), and any other is its input, which is kept, resharded."""
-    if prim.name == "name":
-        return params.get("name") != GATHERED
-    return prim.name != "sharding_constraint"
+def gathered_call(op, x, kernel: Gathered):
+    """op(x, the whole kernel), differentiable in x and (a float kernel) in its shard. The
+    backward pass gathers the kernel again rather than keeping it, and the kernel's
+    gradient leaves as its shard (summed over the rows of every device)."""
+    return _gathered_call(op, kernel.split, kernel.whole, x, kernel.shard)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _gathered_call(op, split, whole, x, shard):
+    return op(x, jax.lax.with_sharding_constraint(shard, whole))
+
+
+def _gathered_fwd(op, split, whole, x, shard):
+    return _gathered_call(op, split, whole, x, shard), (x, shard)
+
+
+def _gathered_bwd(op, split, whole, saved, ct):
+    x, shard = saved
+    full = jax.lax.with_sharding_constraint(shard, whole)
+    if _is_qtensor(shard):  # frozen codes: a gradient for x only
+        _, vjp = jax.vjp(lambda x_: op(x_, full), x)
+        zeros = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), shard)
+        return vjp(ct)[0], zeros
+    _, vjp = jax.vjp(op, x, full)
+    dx, d_full = vjp(ct)
+    return dx, jax.lax.with_sharding_constraint(d_full, split)
+
+
+_gathered_call.defvjp(_gathered_fwd, _gathered_bwd)
 
 
 def place(x, sharding):
