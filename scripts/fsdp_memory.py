@@ -1,11 +1,12 @@
-"""Per-device temporaries and collectives of the end-to-end train step on a device mesh.
+"""Per-device temporaries and collectives of a phase's train step on a device mesh.
 
-Compiles the step of a small end-to-end-shaped model (configs/llama70b.py's layout and
-memory levers, scaled down: d_model 512, 8 one-layer stacks, 8 x 64 tokens) on one device
-and on each mesh given, as plan.analyze compiles it (abstract arguments placed by the
-sharding rules), and prints, per mesh: XLA's temporary bytes per device (memory_analysis of
-the partitioned program), and every all-gather / all-reduce / reduce-scatter /
-all-to-all / collective-permute of the compiled HLO with its result shape.
+Compiles the train step of a small model shaped like configs/llama70b.py (its layout and
+memory levers, scaled down: d_model 512, 8 one-layer stacks, 8 x 64 tokens), by default
+the end-to-end recipe's one phase, on one device and on each mesh given, as the planner
+compiles it (plan.step_and_args: abstract arguments placed by the sharding rules), and
+prints, per mesh: XLA's temporary bytes per device (memory_analysis of the partitioned
+program), and every all-gather / all-reduce / reduce-scatter / all-to-all /
+collective-permute of the compiled HLO with its result shape.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/fsdp_memory.py \\
         [--meshes 1,1,1 1,8,1 2,2,2] [--recipe=e2e] [--phase=KEY] [--json=out.json] \\
@@ -32,6 +33,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 
 from stackwise_jax import config as config_lib, plan, plan_mesh, recipes, sharding  # noqa: E402
+from stackwise_jax.errors import UserError  # noqa: E402
 
 SMALL = {"model.vocab_size": "4096", "data.tokenizer": "bpe", "model.d_model": "512",
          "model.n_heads": "8", "model.n_kv_heads": "8", "model.d_ff": "2048",
@@ -71,30 +73,30 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
 
 def compile_step(cfg, sizes: dict | None, key: str | None = None):
     """The compiled step of planner phase `key` (default: the run's last phase), on one
-    device or on a mesh."""
+    device (sizes None) or on the mesh {data, fsdp, tensor}, as the planner compiles it."""
     layout = None
     if sizes is not None:
         cfg = plan_mesh.with_mesh(cfg, sizes)
         layout = sharding.from_config(cfg, jax.devices()[:math.prod(sizes.values())])
     cfg, phase = plan.planned_phase(cfg, key or plan.phases_for_run(cfg)[-1])
-    tx = plan.step_lib.optimizer_for(cfg, phase)
-    trainable = plan.resident.abstract_trainable(cfg, phase)
-    frozen = plan.resident.abstract_frozen(cfg, phase)
-    opt_state = jax.eval_shape(lambda tr: plan.init_state(tx, tr, cfg.training), trainable)
-    batch = plan._batch_like(cfg, phase)
-    key_like = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    args = (trainable, frozen, opt_state, batch, key_like)
-    state_shardings = None
-    if layout is not None:
-        args = plan._placed(layout, *args)
-        state_shardings = layout.shardings((trainable, opt_state))
-    step, _ = plan.step_lib.build(cfg, phase, tx, 0, layout, state_shardings)
+    step, args = plan.step_and_args(cfg, phase, layout)
     return step.lower(*args).compile()
+
+
+def mesh_sizes(text: str) -> dict | None:
+    """'data,fsdp,tensor' -> sizes; '1,1,1' -> None (one device, no mesh)."""
+    try:
+        d, f, t = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected data,fsdp,tensor, e.g. 1,8,1")
+    if min(d, f, t) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every axis must be a positive integer")
+    return None if d * f * t == 1 else {"data": d, "fsdp": f, "tensor": t}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--meshes", nargs="*", default=["1,1,1", "1,8,1"],
+    ap.add_argument("--meshes", nargs="*", default=["1,1,1", "1,8,1"], type=str,
                     help="data,fsdp,tensor of each mesh; 1,1,1 is the plain one-device step")
     ap.add_argument("--recipe", default="e2e", help="recipes.py name applied to the model")
     ap.add_argument("--phase", default=None,
@@ -103,22 +105,33 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--hlo_dir", default=None, help="write each compiled HLO here")
     args, rest = ap.parse_known_args()
+    for text in args.meshes:
+        try:
+            mesh_sizes(text)
+        except argparse.ArgumentTypeError as e:
+            ap.error(f"--meshes: {e}")
     _, overrides = config_lib.split_overrides(rest)
-    cfg = small_config(overrides, args.recipe)
+    try:
+        cfg = small_config(overrides, args.recipe)
+    except UserError as e:
+        sys.exit(str(e))
     result = {"config": {**SMALL, **overrides}, "recipe": args.recipe, "phase": args.phase,
               "meshes": {}}
-    for name in args.meshes:
-        d, f, t = (int(v) for v in name.split(","))
-        if d * f * t > jax.device_count():
-            sys.exit(f"mesh {name} needs {d * f * t} devices: "
-                     f"XLA_FLAGS=--xla_force_host_platform_device_count={d * f * t}")
-        compiled = compile_step(cfg, None if name == "1,1,1"
-                                else {"data": d, "fsdp": f, "tensor": t}, args.phase)
+    for name, sizes in zip(args.meshes, map(mesh_sizes, args.meshes)):
+        n = 1 if sizes is None else math.prod(sizes.values())
+        if n > jax.device_count():
+            sys.exit(f"mesh {name} needs {n} devices: "
+                     f"XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+        try:
+            compiled = compile_step(cfg, sizes, args.phase)
+        except UserError as e:
+            sys.exit(f"mesh {name}: {e}")
         mem = compiled.memory_analysis()
         hlo = compiled.as_text()
         if args.hlo_dir:
             os.makedirs(args.hlo_dir, exist_ok=True)
-            with open(os.path.join(args.hlo_dir, f"mesh_{d}_{f}_{t}.hlo"), "w") as fh:
+            with open(os.path.join(args.hlo_dir, f"mesh_{name.replace(',', '_')}.hlo"),
+                      "w") as fh:
                 fh.write(hlo)
         row = {"temp_bytes": int(mem.temp_size_in_bytes),
                "argument_bytes": int(mem.argument_size_in_bytes),

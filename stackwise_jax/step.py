@@ -44,9 +44,11 @@ def make_loss_sum(cfg, phase: Phase, template: Template):
         # Master weights stay float32; the forward pass runs in the compute dtype (frozen
         # top groups are held in it already, the trunk converts one layer at a time).
         own = cast_floats({k: v for k, v in trainable.items() if k != "adapters"}, dtype)
-        # On an fsdp mesh the embedding, final norm and head are gathered whole for the
-        # step (the stacks one layer at a time, in model.scan_blocks); see sharding.py.
-        own, top = gathered_top(own), gathered_top(frozen)
+        # On an fsdp mesh the head is gathered by its matmul (the stacks' kernels one layer
+        # at a time, in model.scan_blocks; sharding.py). The embedding stays split: its
+        # lookup gathers the token ids instead, and its gradient stays a shard.
+        tied = cfg.model.tie_embeddings
+        own, top = gathered_top(own, tied), gathered_top(frozen, tied)
         rack = template.rack(own, top)
         if phase.inputs == "cache":
             x_BxLxD = batch["hidden"].astype(dtype)
@@ -75,12 +77,11 @@ def make_loss_sum(cfg, phase: Phase, template: Template):
     return loss_sum
 
 
-TOP_GROUPS = ("embed", "final_norm", "head")
-
-
-def gathered_top(params: dict) -> dict:
-    """params with its top groups whole over fsdp (sharding.gathered_weights)."""
-    top = sharding.gathered_weights({k: v for k, v in params.items() if k in TOP_GROUPS})
+def gathered_top(params: dict, tied: bool) -> dict:
+    """params with the final norm and head (the embedding when it is the head) as the step
+    reads them on an fsdp mesh (sharding.gathered_weights)."""
+    groups = ("final_norm", "head") + (("embed",) if tied else ())
+    top = sharding.gathered_weights({k: v for k, v in params.items() if k in groups})
     return {**params, **top}
 
 

