@@ -315,6 +315,11 @@ def step_layout(layout: Layout | None):
         _STEP.reset(token)
 
 
+def step_layout_now() -> Layout | None:
+    """The layout of the step tracing with the hooks on (fsdp > 1), else None."""
+    return _STEP.get()
+
+
 def gathers_weights() -> bool:
     """Whether a step is tracing with the hooks on (fsdp > 1)."""
     return _STEP.get() is not None

@@ -45,10 +45,8 @@ def make_loss_sum(cfg, phase: Phase, template: Template):
         # top groups are held in it already, the trunk converts one layer at a time).
         own = cast_floats({k: v for k, v in trainable.items() if k != "adapters"}, dtype)
         # On an fsdp mesh the head is gathered by its matmul (the stacks' kernels one layer
-        # at a time, in model.scan_blocks; sharding.py). The embedding stays split: its
-        # lookup gathers the token ids instead, and its gradient stays a shard.
-        tied = cfg.model.tie_embeddings
-        own, top = gathered_top(own, tied), gathered_top(frozen, tied)
+        # at a time, in model.scan_blocks; sharding.py); the embedding, see gathered_top.
+        own, top = gathered_top(own, cfg.model), gathered_top(frozen, cfg.model)
         rack = template.rack(own, top)
         if phase.inputs == "cache":
             x_BxLxD = batch["hidden"].astype(dtype)
@@ -77,10 +75,16 @@ def make_loss_sum(cfg, phase: Phase, template: Template):
     return loss_sum
 
 
-def gathered_top(params: dict, tied: bool) -> dict:
-    """params with the final norm and head (the embedding when it is the head) as the step
-    reads them on an fsdp mesh (sharding.gathered_weights)."""
-    groups = ("final_norm", "head") + (("embed",) if tied else ())
+def gathered_top(params: dict, model_cfg) -> dict:
+    """params with the final norm and head as the step reads them on an fsdp mesh
+    (sharding.gathered_weights). The embedding table is gathered only where it is the head
+    or tensor splits it too: split over fsdp alone, its lookup gathers the token ids (a few
+    bytes a token) and its gradient stays a shard; split over both, XLA's partitioner
+    rematerialises the looked-up rows of the whole batch on every device instead."""
+    groups = ["final_norm", "head"]
+    layout = sharding.step_layout_now()
+    if model_cfg.tie_embeddings or (layout is not None and layout.sizes["tensor"] > 1):
+        groups.append("embed")
     top = sharding.gathered_weights({k: v for k, v in params.items() if k in groups})
     return {**params, **top}
 
