@@ -5,7 +5,8 @@ product is the number of devices; one of them may be -1: what the others leave):
 
 - data:   batch rows. Parameters are replicated over it.
 - fsdp:   batch rows too, and the d_model side of every parameter matrix (ZeRO-3 / FSDP:
-          each device holds 1/fsdp of each matrix; the compiler gathers what a matmul needs).
+          each device holds 1/fsdp of each matrix; the train step gathers a layer's
+          matrices where its matmuls read them, see "inside the step").
 - tensor: Megatron's layout: q/k/v/gate/up kernels split by output columns (whole heads,
           whole d_ff slices), o/down kernels by input rows, embedding and head by
           vocabulary. The matmul pairs then need one reduction each, which the compiler
@@ -13,7 +14,9 @@ product is the number of devices; one of them may be -1: what the others leave):
 
 One rules table (KERNEL_AXES) maps a parameter's name to the logical axes of its matrix;
 MESH_AXIS maps logical axes to mesh axes. The model's maths carries no annotations: the
-trainer places its inputs with NamedSharding and jit's SPMD partitioner propagates them.
+trainer places its inputs with NamedSharding and jit's SPMD partitioner propagates them;
+on a mesh with fsdp > 1 the train step adds the few constraints of the FSDP program
+through hooks in this module that do nothing elsewhere ("inside the step" below).
 The same rules give optimizer state (a leaf of Adam's mu has its parameter's name and
 shape), LoRA adapters, the frozen trunk in every resident format (quant.QTensor), and
 abstract shapes (ShapeDtypeStruct) for Orbax restores and the planner.
@@ -136,12 +139,18 @@ def _name(key) -> str | None:
     return None
 
 
+def _names(path) -> list:
+    """The names along `path` (names or a key path); an nnx Variable's array, reached by
+    GetAttrKey('value'), is named by the Variable's own key."""
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
+    return [n if isinstance(n, str) else _name(n) for n in path]
+
+
 def logical_axes(path, ndim: int) -> tuple:
     """The logical axis of each dimension of the leaf at `path` (a key path or names);
     leading axes (a stack's block axis: scan slices it) are never split."""
-    names = [n if isinstance(n, str) else _name(n) for n in path]
-    if names and names[-1] == "value" and not isinstance(path[-1], str):
-        names = names[:-1]  # an nnx Variable's array (GetAttrKey 'value'), named by its parent
+    names = _names(path)
     leaf = names[-1] if names else None
     parent = names[-2] if len(names) > 1 else None
     lead = (None,) * max(ndim - 2, 0)
@@ -315,7 +324,7 @@ def step_layout(layout: Layout | None):
         _STEP.reset(token)
 
 
-def step_layout_now() -> Layout | None:
+def active_layout() -> Layout | None:
     """The layout of the step tracing with the hooks on (fsdp > 1), else None."""
     return _STEP.get()
 
@@ -361,7 +370,7 @@ def gathered_weights(tree):
 
     def one(path, leaf):
         split, full = layout.leaf_sharding(path, leaf), whole.leaf_sharding(path, leaf)
-        names = [n for n in (_name(k) for k in path) if n != "value"]
+        names = _names(path)
         if names and names[-1] == "kernel":
             return Gathered(leaf, split, full)
         return jax.lax.with_sharding_constraint(leaf, full)

@@ -82,7 +82,7 @@ def gathered_top(params: dict, model_cfg) -> dict:
     bytes a token) and its gradient stays a shard; split over both, XLA's partitioner
     rematerialises the looked-up rows of the whole batch on every device instead."""
     groups = ["final_norm", "head"]
-    layout = sharding.step_layout_now()
+    layout = sharding.active_layout()
     if model_cfg.tie_embeddings or (layout is not None and layout.sizes["tensor"] > 1):
         groups.append("embed")
     top = sharding.gathered_weights({k: v for k, v in params.items() if k in groups})
