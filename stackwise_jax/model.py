@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stackwise_jax import lora, nf4_matmul, quant
+from stackwise_jax import lora, nf4_matmul, quant, sharding
 
 ATTENTION_MODES = ("bidirectional", "causal")
 
@@ -62,13 +62,25 @@ def apply_rope(x_BxLxNxE, cos_LxE, sin_LxE):
 
 class Linear(nnx.Linear):
     """nnx.Linear whose kernel may also be an nf4 quant.QTensor: the frozen trunk's fused
-    forward (_dense_block keeps such kernels packed), multiplied without a dense weight."""
+    forward (_dense_block keeps such kernels packed), multiplied without a dense weight;
+    or, inside a step on an fsdp mesh, a sharding.Gathered shard, gathered to multiply."""
 
     def __call__(self, inputs, out_sharding=None):
         kernel = self.kernel.get_value()
+        if isinstance(kernel, sharding.Gathered):
+            return sharding.gathered_call(_matmul, inputs, kernel)
         if isinstance(kernel, quant.QTensor):
             return nf4_matmul.nf4_matmul(inputs, kernel)
         return super().__call__(inputs, out_sharding)
+
+
+def _matmul(x, kernel):
+    """What Linear computes (no bias; nnx.Linear's default precision and dtypes)."""
+    if isinstance(kernel, quant.QTensor):
+        return nf4_matmul.nf4_matmul(x, kernel)
+    dtype = jnp.result_type(x, kernel)
+    return jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
+                               (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def _linear(d_in, d_out, std, rngs):
@@ -243,12 +255,13 @@ def scan_blocks(graphdef, blocks_state, x_BxLxD, cos_LxE, sin_LxE, causal: bool,
             dense = lora.apply_adapters(_dense_block(block_state, jnp.float32), block_adapters,
                                         lora_alpha, rank)
             dense = jax.tree.map(lambda v: v.astype(x.dtype), dense)
-        block = nnx.merge(graphdef, dense)
-        return block(x, cos_LxE, sin_LxE, causal), None
+        # On an fsdp mesh: this layer's weights gathered, rows stay split (sharding.py).
+        block = nnx.merge(graphdef, sharding.gathered_weights(dense))
+        return sharding.rows(block(sharding.rows(x), cos_LxE, sin_LxE, causal)), None
 
     if remat != "none":
         one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[remat])
-    x_BxLxD, _ = jax.lax.scan(one_block, x_BxLxD, (blocks_state, adapters))
+    x_BxLxD, _ = jax.lax.scan(one_block, sharding.rows(x_BxLxD), (blocks_state, adapters))
     return x_BxLxD
 
 

@@ -331,6 +331,23 @@ def _placed(layout, trainable, frozen, opt_state, batch, key_like):
     return (*layout.abstract((trainable, frozen, opt_state)), batch, key_like)
 
 
+def step_and_args(cfg, phase, layout=None):
+    """The jitted train step of `phase` and its abstract arguments (trainable, frozen,
+    optimizer state, batch, key), on a mesh carrying the shardings the trainer gives them."""
+    tx = step_lib.optimizer_for(cfg, phase)
+    trainable = resident.abstract_trainable(cfg, phase)
+    frozen = resident.abstract_frozen(cfg, phase)
+    opt_state = jax.eval_shape(lambda tr: init_state(tx, tr, cfg.training), trainable)
+    key_like = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    args = (trainable, frozen, opt_state, _batch_like(cfg, phase), key_like)
+    state_shardings = None
+    if layout is not None:
+        args = _placed(layout, *args)
+        state_shardings = layout.shardings((trainable, opt_state))
+    step, _ = step_lib.build(cfg, phase, tx, 0, layout, state_shardings)
+    return step, args
+
+
 def analyze(cfg, key: str, budget: int, planned=None, layout=None) -> dict:
     """The row of planner key `key`: the phase's step compiled, and every hold counted.
     With a layout (sharding.Layout: a mesh and its rules), every byte is one device's: the
@@ -338,19 +355,9 @@ def analyze(cfg, key: str, budget: int, planned=None, layout=None) -> dict:
     (memory_analysis of a partitioned program is per device), and each hold counts its
     arrays' shards."""
     cfg, phase = planned or planned_phase(cfg, key)
-    t, count = cfg.training, _PerDevice(layout)
-    tx = step_lib.optimizer_for(cfg, phase)
-    trainable = resident.abstract_trainable(cfg, phase)
-    frozen = resident.abstract_frozen(cfg, phase)
-    opt_state = jax.eval_shape(lambda tr: init_state(tx, tr, t), trainable)
-    batch = _batch_like(cfg, phase)
-    key_like = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    args = (trainable, frozen, opt_state, batch, key_like)
-    state_shardings = None
-    if layout is not None:
-        args = _placed(layout, *args)
-        state_shardings = layout.shardings((trainable, opt_state))
-    step, _ = step_lib.build(cfg, phase, tx, 0, layout, state_shardings)
+    count = _PerDevice(layout)
+    step, args = step_and_args(cfg, phase, layout)
+    trainable, frozen, opt_state, batch, _ = args
     mem = step.lower(*args).compile().memory_analysis()
     step_total = (mem.argument_size_in_bytes + mem.temp_size_in_bytes
                   + mem.output_size_in_bytes - mem.alias_size_in_bytes)

@@ -5,7 +5,8 @@ product is the number of devices; one of them may be -1: what the others leave):
 
 - data:   batch rows. Parameters are replicated over it.
 - fsdp:   batch rows too, and the d_model side of every parameter matrix (ZeRO-3 / FSDP:
-          each device holds 1/fsdp of each matrix; the compiler gathers what a matmul needs).
+          each device holds 1/fsdp of each matrix; the train step gathers a layer's
+          matrices where its matmuls read them, see "inside the step").
 - tensor: Megatron's layout: q/k/v/gate/up kernels split by output columns (whole heads,
           whole d_ff slices), o/down kernels by input rows, embedding and head by
           vocabulary. The matmul pairs then need one reduction each, which the compiler
@@ -13,7 +14,9 @@ product is the number of devices; one of them may be -1: what the others leave):
 
 One rules table (KERNEL_AXES) maps a parameter's name to the logical axes of its matrix;
 MESH_AXIS maps logical axes to mesh axes. The model's maths carries no annotations: the
-trainer places its inputs with NamedSharding and jit's SPMD partitioner propagates them.
+trainer places its inputs with NamedSharding and jit's SPMD partitioner propagates them;
+on a mesh with fsdp > 1 the train step adds the few constraints of the FSDP program
+through hooks in this module that do nothing elsewhere ("inside the step" below).
 The same rules give optimizer state (a leaf of Adam's mu has its parameter's name and
 shape), LoRA adapters, the frozen trunk in every resident format (quant.QTensor), and
 abstract shapes (ShapeDtypeStruct) for Orbax restores and the planner.
@@ -28,6 +31,8 @@ that axis: correct, only less memory-efficient.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -134,10 +139,18 @@ def _name(key) -> str | None:
     return None
 
 
+def _names(path) -> list:
+    """The names along `path` (names or a key path); an nnx Variable's array, reached by
+    GetAttrKey('value'), is named by the Variable's own key."""
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
+    return [n if isinstance(n, str) else _name(n) for n in path]
+
+
 def logical_axes(path, ndim: int) -> tuple:
     """The logical axis of each dimension of the leaf at `path` (a key path or names);
     leading axes (a stack's block axis: scan slices it) are never split."""
-    names = [n if isinstance(n, str) else _name(n) for n in path]
+    names = _names(path)
     leaf = names[-1] if names else None
     parent = names[-2] if len(names) > 1 else None
     lead = (None,) * max(ndim - 2, 0)
@@ -174,13 +187,26 @@ def _is_qtensor(x) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """A mesh and the rules: shardings for parameter trees, optimizer state, batches.
-    The mesh may be abstract (abstract_layout): shardings and shard shapes without devices."""
+    The mesh may be abstract (abstract_layout): shardings and shard shapes without devices.
+    gathered: parameters whole over fsdp (tensor splits kept): one layer's weights as the
+    step's computation reads them (see gathered_weights)."""
 
     mesh: Mesh | AbstractMesh
+    gathered: bool = False
 
     @property
     def sizes(self) -> dict[str, int]:
         return dict(self.mesh.shape)
+
+    @property
+    def rule_sizes(self) -> dict[str, int]:
+        """The axis sizes the parameter rules split by (fsdp as 1 when gathered)."""
+        return {**self.sizes, "fsdp": 1} if self.gathered else self.sizes
+
+    @property
+    def fsdp_split(self) -> bool:
+        """Parameters split over fsdp, so the step gathers them layer by layer."""
+        return self.sizes["fsdp"] > 1
 
     @property
     def n_devices(self) -> int:
@@ -196,7 +222,7 @@ class Layout:
 
     def spec(self, path, shape) -> PartitionSpec:
         """The PartitionSpec of a dense leaf named by `path` (names or a key path)."""
-        return _spec(logical_axes(path, len(shape)), shape, self.sizes)
+        return _spec(logical_axes(path, len(shape)), shape, self.rule_sizes)
 
     def leaf_sharding(self, path, leaf):
         """NamedSharding of one leaf; for a QTensor, a QTensor of NamedShardings."""
@@ -213,8 +239,9 @@ class Layout:
         kernel = tuple(kernel) + (None,) * (len(q.shape) - len(kernel))
         lead = kernel[:-2]
         if q.fmt == "nf4":
-            axes = tuple(a for a in ("fsdp", "tensor") if self.sizes[a] > 1)
-            n = math.prod(self.sizes[a] for a in axes)
+            sizes = self.rule_sizes
+            axes = tuple(a for a in ("fsdp", "tensor") if sizes[a] > 1)
+            n = math.prod(sizes[a] for a in axes)
             flat = axes if axes and q.scale.shape[-1] % n == 0 else None
             spec = self.named(PartitionSpec(*lead, flat))
             return dataclasses.replace(q, data=spec, scale=spec)
@@ -290,6 +317,119 @@ class Layout:
             return self.put_local_batch(x[self.local_rows(x.shape[0])], x.shape[0])
 
         return jax.tree.map(put, tree)
+
+
+# ------------------------------------------------------------------------ inside the step
+#
+# Given only its arguments' shardings, XLA's SPMD partitioner keeps each fsdp-split weight
+# in place and moves the activations instead (batch rows gathered on every device, partial
+# products all-reduced over fsdp), so a device's temporaries hardly shrink (docs/plan.md).
+# While a step on a mesh with fsdp > 1 traces (inside `step_layout`), these hooks ask for
+# the FSDP (ZeRO-3) program instead: activations split by rows over data x fsdp everywhere
+# (`rows`), and each weight matrix gathered over fsdp (tensor splits kept) where a matmul
+# reads it, inside its layer's scan iteration (`gathered_weights`, `gathered_call`). The
+# backward pass gathers it again instead of keeping every layer's whole weights, and
+# reduces the weight's gradient straight back to its shard. Outside a step, or on any
+# other mesh, every hook returns its input: a single device compiles exactly the program
+# it compiled without them.
+
+_STEP = contextvars.ContextVar("stackwise_step_layout", default=None)
+
+
+@contextlib.contextmanager
+def step_layout(layout: Layout | None):
+    """The hooks below act while this is entered with a layout whose mesh splits
+    parameters over fsdp (a step's trace); otherwise they do nothing."""
+    token = _STEP.set(layout if layout is not None and layout.fsdp_split else None)
+    try:
+        yield
+    finally:
+        _STEP.reset(token)
+
+
+def active_layout() -> Layout | None:
+    """The layout of the step tracing with the hooks on (fsdp > 1), else None."""
+    return _STEP.get()
+
+
+def gathers_weights() -> bool:
+    """Whether a step is tracing with the hooks on (fsdp > 1)."""
+    return _STEP.get() is not None
+
+
+def rows(x):
+    """Activations (B, ...) split by rows over data x fsdp, whole over tensor; rows that do
+    not divide are left to the partitioner."""
+    layout = _STEP.get()
+    if layout is None or x.ndim == 0:
+        return x
+    axes = tuple(a for a in BATCH_AXES if layout.sizes[a] > 1)
+    if x.shape[0] % math.prod(layout.sizes[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, layout.named(PartitionSpec(axes)))
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["shard"],
+                   meta_fields=["split", "whole"])
+@dataclasses.dataclass(frozen=True)
+class Gathered:
+    """A matmul kernel (an array or a quant.QTensor) held as its shard (`split`, the
+    rules' layout), to be gathered (`whole`: fsdp removed) by the matmul that reads it:
+    model.Linear passes it to gathered_call."""
+
+    shard: object
+    split: object
+    whole: object
+
+
+def gathered_weights(tree):
+    """Parameters named as the rules name them (arrays, QTensors, nnx Variables), as one
+    layer's computation reads them on an fsdp mesh: each kernel a Gathered, any other
+    array (embedding table, norms) constrained whole over fsdp."""
+    layout = _STEP.get()
+    if layout is None:
+        return tree
+    whole = dataclasses.replace(layout, gathered=True)
+
+    def one(path, leaf):
+        split, full = layout.leaf_sharding(path, leaf), whole.leaf_sharding(path, leaf)
+        names = _names(path)
+        if names and names[-1] == "kernel":
+            return Gathered(leaf, split, full)
+        return jax.lax.with_sharding_constraint(leaf, full)
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_qtensor)
+
+
+def gathered_call(op, x, kernel: Gathered):
+    """op(x, the whole kernel), differentiable in x and (a float kernel) in its shard. The
+    backward pass gathers the kernel again rather than keeping it, and the kernel's
+    gradient leaves as its shard (summed over the rows of every device)."""
+    return _gathered_call(op, kernel.split, kernel.whole, x, kernel.shard)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _gathered_call(op, split, whole, x, shard):
+    return op(x, jax.lax.with_sharding_constraint(shard, whole))
+
+
+def _gathered_fwd(op, split, whole, x, shard):
+    return _gathered_call(op, split, whole, x, shard), (x, shard)
+
+
+def _gathered_bwd(op, split, whole, saved, ct):
+    x, shard = saved
+    full = jax.lax.with_sharding_constraint(shard, whole)
+    if _is_qtensor(shard):  # frozen codes: a gradient for x only
+        _, vjp = jax.vjp(lambda x_: op(x_, full), x)
+        zeros = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), shard)
+        return vjp(ct)[0], zeros
+    _, vjp = jax.vjp(op, x, full)
+    dx, d_full = vjp(ct)
+    return dx, jax.lax.with_sharding_constraint(d_full, split)
+
+
+_gathered_call.defvjp(_gathered_fwd, _gathered_bwd)
 
 
 def place(x, sharding):

@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from stackwise_jax import config as config_lib, loss_scale, objective, optim
+from stackwise_jax import config as config_lib, loss_scale, objective, optim, sharding
 from stackwise_jax.phases import Phase
 from stackwise_jax.resident import Template, cast_floats, compute_dtype
 
@@ -44,22 +44,49 @@ def make_loss_sum(cfg, phase: Phase, template: Template):
         # Master weights stay float32; the forward pass runs in the compute dtype (frozen
         # top groups are held in it already, the trunk converts one layer at a time).
         own = cast_floats({k: v for k, v in trainable.items() if k != "adapters"}, dtype)
-        rack = template.rack(own, frozen)
+        # On an fsdp mesh the head is gathered by its matmul (the stacks' kernels one layer
+        # at a time, in model.scan_blocks; sharding.py); the embedding, see gathered_top.
+        own, top = gathered_top(own, cfg.model), gathered_top(frozen, cfg.model)
+        rack = template.rack(own, top)
         if phase.inputs == "cache":
             x_BxLxD = batch["hidden"].astype(dtype)
         else:
             x_BxLxD = rack.embed(batch["inputs"]).astype(dtype)
+        x_BxLxD = sharding.rows(x_BxLxD)
         if "trunk" in frozen:
             x_BxLxD = rack.run_trunk(frozen["trunk"], x_BxLxD, mode, trainable.get("adapters"),
                                      alpha, phase.remat)
         if phase.stop_gradient:
             x_BxLxD = jax.lax.stop_gradient(x_BxLxD)
-        x_BxLxD = rack.run_stacks(x_BxLxD, 0, phase.n_local_stacks, mode)
+        if sharding.gathers_weights() and phase.n_local_stacks > 1:
+            # On an fsdp mesh the trained stacks run as one scan over all their layers:
+            # stacks of one layer each would be scans of length 1, which XLA unrolls and
+            # then merges their weight gathers and gradient reductions across layers.
+            blocks = jax.tree.map(lambda *b: jnp.concatenate(b),
+                                  *[own["stacks"][i]["blocks"] for i in range(phase.n_local_stacks)])
+            x_BxLxD = rack.run_trunk(blocks, x_BxLxD, mode, remat=cfg.model.remat)
+        else:
+            x_BxLxD = rack.run_stacks(x_BxLxD, 0, phase.n_local_stacks, mode)
         if "upper" in frozen:  # block fusion: frozen stacks above, gradients cross them
             x_BxLxD = rack.run_trunk(frozen["upper"], x_BxLxD, mode, remat=phase.remat)
-        return objective.loss_numerator(x_BxLxD, rack.logits, batch, weighting, chunk)
+        return objective.loss_numerator(sharding.rows(x_BxLxD), rack.logits, batch,
+                                        weighting, chunk)
 
     return loss_sum
+
+
+def gathered_top(params: dict, model_cfg) -> dict:
+    """params with the final norm and head as the step reads them on an fsdp mesh
+    (sharding.gathered_weights). The embedding table is gathered only where it is the head
+    or tensor splits it too: split over fsdp alone, its lookup gathers the token ids (a few
+    bytes a token) and its gradient stays a shard; split over both, XLA's partitioner
+    rematerialises the looked-up rows of the whole batch on every device instead."""
+    groups = ["final_norm", "head"]
+    layout = sharding.active_layout()
+    if model_cfg.tie_embeddings or (layout is not None and layout.sizes["tensor"] > 1):
+        groups.append("embed")
+    top = sharding.gathered_weights({k: v for k, v in params.items() if k in groups})
+    return {**params, **top}
 
 
 def optimizer_for(cfg, phase: Phase):
@@ -100,6 +127,10 @@ def make_train_step(loss_sum, prepare, tx, weighting: str, accum: int, layout=No
 
     @functools.partial(jax.jit, donate_argnums=(0, 2), out_shardings=out_shardings)
     def train_step(trainable, frozen, opt_state, batch, key):
+        with sharding.step_layout(layout):  # the FSDP program on an fsdp mesh
+            return traced_step(trainable, frozen, opt_state, batch, key)
+
+    def traced_step(trainable, frozen, opt_state, batch, key):
         batch = prepare(batch, key)
         denominator = objective.loss_denominator(batch, weighting)
 

@@ -4,6 +4,7 @@ process keeps its single CPU device)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -207,3 +208,42 @@ def test_progressive_runs_on_8_devices_match_one_device(tmp_path):
     assert shard[((2, 2, 2), 1)]["trunk_q_proj"] == "P(None, 'fsdp', 'tensor')"
     assert shard[((2, 2, 2), 1)]["down_proj"] == "P(None, 'tensor', 'fsdp')"
     assert shard[((8, 1, 1), 0)]["q_proj_shard"] == [2, 32, 32]  # data only: replicated
+
+
+# ----------------------------------------------------------------------- the FSDP program
+
+
+def test_fsdp_step_gathers_weights_and_keeps_batch_rows_split(tmp_path):
+    """The end-to-end step of a tiny model (2 one-layer stacks) compiled on fsdp 8
+    (scripts/fsdp_memory.py in a subprocess: 8 simulated devices): every float array
+    gathered is a whole parameter matrix and each of a block's kernels is gathered; no
+    all-reduce or reduce-scatter carries a sequence axis (no partial activations summed
+    across devices). Token ids may be gathered (the embedding lookup's, a few bytes a
+    token). The program given only the arguments' shardings instead kept the weights in
+    place, gathered logits and all-reduced partial activations (docs/plan.md)."""
+    D, F, V, L = 64, 128, 256, 24  # L appears in no parameter's shape
+    out = tmp_path / "fsdp.json"
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    overrides = {"model.d_model": D, "model.d_ff": F, "model.vocab_size": V,
+                 "model.n_heads": 4, "model.n_kv_heads": 4, "data.seq_len": L,
+                 "training.loss_chunk_size": 12, "model.architecture.n_stacks": 2}
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "fsdp_memory.py"),
+                    "--meshes", "1,8,1", f"--json={out}"]
+                   + [f"--config.{k}={v}" for k, v in overrides.items()],
+                   env=env, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    ops = json.loads(out.read_text())["meshes"]["1,8,1"]["collectives"]
+
+    def arrays(shape: str) -> list[tuple]:  # (dtype, dims) of every array of a result,
+        # without axes of size 1 (a layer's slice of its stack may keep the block axis)
+        return [(dtype, tuple(int(d) for d in dims.split(",") if d and d != "1"))
+                for dtype, dims in re.findall(r"([a-z0-9]+)\[([\d,]*)\]", shape)]
+
+    gathered = {dims for shape in ops.get("all-gather", {}) for dtype, dims in arrays(shape)
+                if dtype.startswith(("f", "bf"))}
+    params = {(D, D), (D, F), (F, D), (D, V)}  # q/k/v/o, gate/up, down, head
+    assert gathered <= params, gathered  # only weights are gathered
+    assert {(D, D), (D, F), (F, D)} <= gathered, gathered  # every block kernel is
+    summed = [(op, shape) for op in ("all-reduce", "reduce-scatter")
+              for shape in ops.get(op, {}) if any(L in dims for _, dims in arrays(shape))]
+    assert not summed, summed
