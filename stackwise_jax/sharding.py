@@ -352,21 +352,16 @@ def active_layout() -> Layout | None:
     return _STEP.get()
 
 
-def gathers_weights() -> bool:
-    """Whether a step is tracing with the hooks on (fsdp > 1)."""
-    return _STEP.get() is not None
-
-
 def rows(x):
-    """Activations (B, ...) split by rows over data x fsdp, whole over tensor; rows that do
-    not divide are left to the partitioner."""
+    """Activations (B, ...) split by rows over data x fsdp, whole over tensor, as batches
+    are (batch_sharding); rows that do not divide are left to the partitioner."""
     layout = _STEP.get()
-    if layout is None or x.ndim == 0:
+    if layout is None:
         return x
-    axes = tuple(a for a in BATCH_AXES if layout.sizes[a] > 1)
-    if x.shape[0] % math.prod(layout.sizes[a] for a in axes):
+    sharding = layout.batch_sharding(x.shape[0] if x.ndim else 0, x.ndim)
+    if sharding.spec == PartitionSpec():  # rows that do not divide: not constrained
         return x
-    return jax.lax.with_sharding_constraint(x, layout.named(PartitionSpec(axes)))
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["shard"],

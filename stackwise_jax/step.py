@@ -58,7 +58,7 @@ def make_loss_sum(cfg, phase: Phase, template: Template):
                                      alpha, phase.remat)
         if phase.stop_gradient:
             x_BxLxD = jax.lax.stop_gradient(x_BxLxD)
-        if sharding.gathers_weights() and phase.n_local_stacks > 1:
+        if sharding.active_layout() is not None and phase.n_local_stacks > 1:
             # On an fsdp mesh the trained stacks run as one scan over all their layers:
             # stacks of one layer each would be scans of length 1, which XLA unrolls and
             # then merges their weight gathers and gradient reductions across layers.
